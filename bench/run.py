@@ -1,0 +1,97 @@
+"""`make bench`: quantize SmolLM2 (or MODEL) with the shipped W4A16 recipes and record time, memory, size, ppl.
+
+Each recipe runs as its own ``qtool quantize --json --force`` process, so peak RSS (``os.wait4``) is that run's
+alone. Writes ``bench/results.json`` and prints a table. Numbers from one run on one machine: compare ratios
+within a run, not absolute seconds across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["recipes/w4a16-rtn.yaml", "recipes/w4a16-gptq.yaml"]
+
+
+def run_one(recipe: str, model: str, out_dir: Path, extra: list[str]) -> dict:
+    run_dir = out_dir / Path(recipe).stem
+    cmd = [
+        sys.executable,
+        "-m",
+        "qtool",
+        "quantize",
+        "--recipe",
+        recipe,
+        "--model",
+        model,
+        "--run-dir",
+        str(run_dir),
+        "--force",
+        "--json",
+        *extra,
+    ]
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed with exit code {proc.returncode}")
+    summary = json.loads(stdout)["stages"]
+    ev, pack, q = summary["evaluate"]["summary"], summary["pack"]["summary"], summary["quantize"]
+    recipe_yaml = (run_dir / "recipe.yaml").read_text()
+    return {
+        "recipe": recipe,
+        "quantize_seconds": q["seconds"],
+        "calibrate_seconds": summary["calibrate"]["seconds"],
+        "pipeline_wall_seconds": round(time.time() - start, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "packed_bytes": pack["bytes"],
+        "bf16_bytes": pack["bf16_bytes"],
+        "packed_vs_bf16": round(pack["bytes"] / pack["bf16_bytes"], 4),
+        "ppl": ev["ppl"],
+        "fp_ppl": ev.get("fp_ppl"),
+        "eval_seqlen": ev["seqlen"],
+        "eval_tokens": ev["tokens"],
+        "resolved_recipe": recipe_yaml,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="../shared/assets/models/smollm2-135m-instruct-q4_1-gguf")
+    ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every run")
+    args = ap.parse_args()
+    extra = [x for o in args.overrides for x in ("--set", o)]
+    rows = [run_one(r, args.model, ROOT / "bench" / "out", extra) for r in args.recipes]
+    import torch
+
+    result = {
+        "model": args.model,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runs": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{'recipe':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['recipe']:28} {r['quantize_seconds']:>10.1f} {r['peak_rss_mb']:>11.0f} "
+            f"{r['packed_bytes'] / 1e6:>9.1f} {r['packed_vs_bf16']:>7.3f} {r['ppl']:>8.3f} {r['fp_ppl'] or 0:>8.3f}"
+        )
+    print(f"(eval: seqlen {rows[0]['eval_seqlen']}, {rows[0]['eval_tokens']} predicted tokens) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from qtool.cli.app import main
+
+main()

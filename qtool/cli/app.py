@@ -1,0 +1,66 @@
+"""The Typer application: wires command groups, logging and error handling. Only qtool/cli prints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from qtool.errors import QtoolError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="qtool",
+    help="Compress large language models with YAML recipes: calibrate → outliers → transform → quantize → pack → "
+    "evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Library loggers go to stderr through Rich; third-party progress bars are silenced."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    logging.getLogger("qtool").setLevel(level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own tqdm bar
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and exit code 2, never a traceback."""
+    from qtool.cli import commands  # noqa: F401  (registers commands on ``app``)
+
+    try:
+        app()
+    except QtoolError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        sys.exit(130)

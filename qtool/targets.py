@@ -1,0 +1,82 @@
+"""Which linears a scheme quantizes, with which arguments: resolved once against the model's real shapes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from qtool.errors import QtoolError
+from qtool.models.arch import ArchSpec
+from qtool.schemes import QuantArgs, Scheme
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear to quantize. ``name`` is relative to its decoder layer (``mlp.down_proj``)."""
+
+    layer: int
+    name: str
+    in_features: int
+    args: QuantArgs
+
+    def full_name(self, spec: ArchSpec) -> str:
+        return f"{spec.layers}.{self.layer}.{self.name}"
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """``re:<regex>`` full-matches; a plain pattern matches the name or a ``.``-separated suffix of it."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[list[Target]]:
+    """Per decoder layer, the linears to quantize. Raises ``QtoolError`` naming the layer and a fix when a group
+    size does not divide ``in_features`` and ``scheme.group_fallback`` is ``error``."""
+    plan: list[list[Target]] = []
+    for i, layer in enumerate(layers):
+        row = []
+        for rel in spec.layer_linears:
+            full = f"{spec.layers}.{i}.{rel}"
+            if matches(full, scheme.ignore) or not matches(full, scheme.targets):
+                continue
+            linear = layer.get_submodule(rel)
+            args = _fit_args(scheme, full, linear.in_features)
+            if args is not None:
+                row.append(Target(i, rel, linear.in_features, args))
+        plan.append(row)
+    if not any(plan):
+        raise QtoolError(
+            f"scheme.targets: {list(scheme.targets)} (minus scheme.ignore) matches no linear of the decoder layers; "
+            f"use names such as {', '.join(n.rsplit('.', 1)[-1] for n in spec.layer_linears)}"
+        )
+    return plan
+
+
+def _fit_args(scheme: Scheme, full: str, in_features: int) -> QuantArgs | None:
+    args = scheme.weights
+    if args.granularity != "group" or in_features % args.group_size == 0:
+        return args
+    if scheme.group_fallback == "channel":
+        return args.model_copy(update={"granularity": "channel", "group_size": None})
+    if scheme.group_fallback == "ignore":
+        return None
+    raise QtoolError(
+        f"scheme.weights.group_size: {args.group_size} does not divide in_features={in_features} of {full}; "
+        f"use {suggest_group_size(in_features, args.group_size)}, or set scheme.group_fallback: channel, "
+        f"or add '{full.rsplit('.', 1)[-1]}' to scheme.ignore"
+    )
+
+
+def suggest_group_size(in_features: int, wanted: int) -> int:
+    """The largest power-of-two divisor of ``in_features`` not above ``wanted`` (kernels want powers of two)."""
+    d = 1
+    while in_features % (d * 2) == 0 and d * 2 <= wanted:
+        d *= 2
+    return d

@@ -1,0 +1,50 @@
+"""``qtool validate``: check a recipe against the model's real shapes and the files it names, loading no weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qtool.errors import QtoolError
+from qtool.models.arch import decoder_layers, spec_for
+from qtool.models.loading import load_config, resolve_source
+from qtool.recipe import Recipe
+from qtool.targets import plan_targets
+
+
+def validate_fit(recipe: Recipe) -> str:
+    """Raise ``QtoolError`` on the first problem; return a one-line description of what would be quantized."""
+    for field, path in (
+        ("calibration.dataset", recipe.calibration.dataset),
+        ("evaluate.dataset", recipe.evaluate.dataset),
+    ):
+        if not Path(path).is_file():
+            raise QtoolError(f"{field}: file {path} does not exist; pass an existing text or jsonl file")
+    src = resolve_source(recipe.model.source, recipe.model.tokenizer)
+    config = load_config(src, recipe.model.trust_remote_code)
+    spec = spec_for(config)
+    context = getattr(config, "max_position_embeddings", None)
+    for field, seqlen in (
+        ("calibration.seqlen", recipe.calibration.seqlen),
+        ("evaluate.seqlen", recipe.evaluate.seqlen),
+    ):
+        if context and seqlen and seqlen > context:
+            raise QtoolError(f"{field}: {seqlen} exceeds the model's context of {context}; use ≤ {context}")
+    model = meta_model(config, recipe.model.trust_remote_code)
+    plan = plan_targets(decoder_layers(model, spec), spec, recipe.scheme)
+    n = sum(len(row) for row in plan)
+    fallback = sum(1 for row in plan for t in row if t.args != recipe.scheme.weights)
+    extra = f", {fallback} with per-channel fallback" if fallback else ""
+    return (
+        f"{recipe.scheme.name} {recipe.quantize.method} on {n} linears in {len(plan)} layers{extra} "
+        f"({spec.family} family, model {recipe.model.source})"
+    )
+
+
+def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree with shapes but no storage (``meta`` device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

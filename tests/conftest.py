@@ -1,0 +1,62 @@
+"""Shared fixtures: where the real test assets are, and recipes pointed at them.
+
+Assets live in ``../shared/assets`` next to the project (override with ``QTOOL_ASSETS``). Tests never touch the
+network; every test that needs an asset skips with the path it looked for when the asset is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("QTOOL_ASSETS", ROOT.parent / "shared" / "assets")).resolve()
+STORIES = ASSETS / "models" / "stories260K"
+SMOLLM2 = ASSETS / "models" / "smollm2-135m-instruct-q4_1-gguf"
+TINYSTORIES = ASSETS / "data" / "tinystories" / "tinystories_validation_first4301.txt"
+WIKI_VALID = ASSETS / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
+WIKI_TEST = ASSETS / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
+STORIES_RECIPE = ROOT / "configs" / "tests" / "stories260k-w4a16-gptq.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def require(*paths: Path) -> None:
+    for p in paths:
+        if not p.exists():
+            pytest.skip(f"test asset {p} is absent (set QTOOL_ASSETS to the shared/assets directory)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """FP-perplexity cache per test session, never the user's."""
+    os.environ["QTOOL_CACHE_DIR"] = str(tmp_path_factory.mktemp("qtool-cache"))
+
+
+def localize(raw: dict) -> dict:
+    """Point a shipped recipe's ``../shared/assets`` paths at ``ASSETS`` (so tests run from any directory)."""
+    text = yaml.safe_dump(raw).replace("../shared/assets", str(ASSETS))
+    return yaml.safe_load(text)
+
+
+def write_recipe(path: Path, base: Path = STORIES_RECIPE, **sections) -> Path:
+    """A copy of ``base`` with ``sections`` replaced (``quantize={"method": "rtn"}``), written to ``path``."""
+    raw = localize(yaml.safe_load(base.read_text()))
+    raw.update(sections)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def stories_recipe(tmp_path):
+    require(STORIES, TINYSTORIES)
+
+    def make(name: str = "recipe.yaml", **sections) -> Path:
+        return write_recipe(tmp_path / name, **sections)
+
+    return make

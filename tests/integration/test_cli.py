@@ -1,0 +1,106 @@
+"""The CLI as a user meets it: bad input gives exit code 2, one line naming the field/file and the fix, no
+traceback and no run directory; validate/status/schema work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
+
+
+def qtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "qtool", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    require(STORIES, TINYSTORIES)
+
+    def make(mutate) -> Path:
+        path = write_recipe(tmp_path / "r.yaml", output={"run_dir": str(tmp_path / "run")})
+        raw = yaml.safe_load(path.read_text())
+        mutate(raw)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needles"),
+    [
+        (lambda r: r["quantize"].update(dmap=0.1), ["quantize.dmap", "unknown key"]),
+        (lambda r: r["calibration"].update(n_samples="many"), ["calibration.n_samples", "integer"]),
+        (lambda r: r["calibration"].update(dataset="/nope/valid.txt"), ["calibration.dataset", "/nope/valid.txt"]),
+        (
+            lambda r: r["scheme"].update(group_fallback="error"),
+            ["scheme.weights.group_size", "in_features=172", "model.layers.0.mlp.down_proj", "use 4"],
+        ),
+        (lambda r: r["quantize"].update(method="awq"), ["quantize", "'awq'", "gptq"]),
+        (lambda r: r.update(model="/nope/model"), ["model", "/nope/model"]),
+    ],
+    ids=["unknown-key", "wrong-type", "missing-file", "group-size", "unknown-method", "missing-model"],
+)
+def test_bad_input_exit_2_one_line_no_run_dir(recipe_file, tmp_path, mutate, needles):
+    path = recipe_file(mutate)
+    proc = qtool("quantize", "--recipe", str(path))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(qtool("validate", str(path)), *needles)
+
+
+def test_unsupported_architecture_is_refused(recipe_file, tmp_path):
+    model_dir = tmp_path / "gpt2"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 100})
+    )
+    path = recipe_file(lambda r: r.update(model=str(model_dir)))
+    proc = qtool("quantize", "--recipe", str(path))
+    assert_one_line_error(proc, "architecture 'gpt2' is not supported", "qtool/models/arch.py")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_and_bad_override(tmp_path):
+    assert_one_line_error(qtool("quantize", "--recipe", str(tmp_path / "none.yaml")), "recipe", "none.yaml")
+    require(STORIES, TINYSTORIES)
+    path = write_recipe(tmp_path / "r.yaml")
+    assert_one_line_error(qtool("validate", str(path), "--set", "scheme.weights.bits=5"), "scheme.weights.bits")
+
+
+def test_validate_reports_the_plan(tmp_path):
+    require(STORIES, TINYSTORIES)
+    proc = qtool("validate", str(write_recipe(tmp_path / "r.yaml")))
+    assert proc.returncode == 0, proc.stderr
+    assert "35 linears in 5 layers, 5 with per-channel fallback" in proc.stdout
+
+
+def test_schema_and_stages():
+    proc = qtool("schema")
+    schema = json.loads(proc.stdout)
+    assert "calibration" in schema["properties"] and schema["additionalProperties"] is False
+    stages = qtool("stages").stdout
+    assert "gptq" in stages and "rtn" in stages and "06-evaluate" in stages
+
+
+def test_status_of_a_missing_run_dir(tmp_path):
+    assert_one_line_error(qtool("status", str(tmp_path)), "RUN_DIR", "run.json")
