@@ -122,11 +122,12 @@ def stages() -> None:
 
 
 def _methods(annotation: Any) -> list[str]:
+    """The ``method`` literals of a section's config class, or of each member of a union of them."""
     import typing
 
-    classes = typing.get_args(typing.get_args(annotation)[0]) if typing.get_args(annotation) else (annotation,)
+    classes = typing.get_args(annotation) or (annotation,)
     out = []
-    for cls in classes or (annotation,):
+    for cls in classes:
         field = getattr(cls, "model_fields", {}).get("method")
         if field is not None:
             out += list(typing.get_args(field.annotation))

@@ -1,4 +1,10 @@
-"""Stage 6: evaluation — the pinned token perplexity of the quantized model, and of the FP model for comparison."""
+"""Stage 6: evaluation of the quantized model (and the FP model for comparison), in the results format that
+``qtool eval --json`` writes and ``qtool regress`` reads (``qtool/eval/results.py``).
+
+The recipe's ``dataset`` is scored with the pinned token perplexity (``docs/metrics.md``) under the metric name
+``name`` (default ``wikitext2`` for ``wiki.test.raw``); ``tasks`` adds lm-evaluation-harness tasks through the same
+code as ``qtool eval``. Writes ``results.json`` (quantized) and ``results-fp.json`` (FP, cached across runs).
+"""
 
 from __future__ import annotations
 
@@ -16,25 +22,48 @@ from qtool.data import check_span, file_sha256, load_text, tokenize
 from qtool.eval.perplexity import default_seqlen, token_perplexity
 from qtool.stages.base import Stage, StageConfig, StageContext
 
-METRICS = "metrics.json"
+RESULTS = "results.json"
+FP_RESULTS = "results-fp.json"
 
 
 class EvaluateConfig(StageConfig):
-    """Perplexity on held-out text (WikiText-2 test). ``max_tokens`` is the token budget: the first
-    ``max_tokens // seqlen`` windows are scored, and the budget is recorded with every number."""
+    """Perplexity on held-out text (WikiText-2 test) plus optional lm-eval tasks. ``max_tokens`` is the token
+    budget: the first ``max_tokens // seqlen`` windows are scored, and the budget is recorded with every number."""
 
     dataset: str = Field(description="evaluation text (e.g. wiki.test.raw); never the calibration file")
+    name: str | None = Field(None, description="metric name of the perplexity; default wikitext2 or the file stem")
     format: Literal["auto", "wikitext", "raw", "jsonl"] = "auto"
     text_field: str = "text"
     seqlen: int | None = Field(None, gt=1, description="default: 2048, or the model's context if smaller")
     max_tokens: int | None = Field(None, gt=1, description="token budget; null scores the whole corpus")
     span: tuple[float, float] = Field((0.0, 1.0), description="fraction of the text's characters to score")
     compare_fp: bool = Field(True, description="also score the unquantized model (cached across runs)")
+    tasks: tuple[str, ...] = Field((), description="lm-eval tasks as in `qtool eval --tasks` (piqa, arc_easy, …)")
+    limit: int | None = Field(None, gt=0, description="lm-eval tasks: score the first N documents")
+    batch_size: int = Field(8, gt=0, description="lm-eval tasks: batch size")
+    data_dir: str | None = Field(None, description="lm-eval task data; default as `qtool eval --data-dir`")
 
     @field_validator("span")
     @classmethod
     def _span(cls, v: tuple[float, float]) -> tuple[float, float]:
         return check_span(v)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from qtool.eval.tasks import TASKS
+
+        unknown = [t for t in v if t not in TASKS or TASKS[t].kind != "lm_eval"]
+        if unknown:
+            known = ", ".join(t for t, s in TASKS.items() if s.kind == "lm_eval")
+            raise ValueError(f"unknown lm-eval task {unknown[0]!r}; use {known}")
+        return v
+
+    def metric_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.dataset).name
+        return "wikitext2" if stem == "wiki.test.raw" else stem.split(".")[0]
 
 
 class Evaluate(Stage):
@@ -53,30 +82,72 @@ class Evaluate(Stage):
             "max_tokens": cfg.max_tokens,
             "span": list(cfg.span),
         }
-        ctx.progress("evaluate quantized", 0, 1)
-        quant = token_perplexity(ctx.model, ids, seqlen, cfg.max_tokens, _bar(ctx, "evaluate quantized"))
-        metrics: dict[str, Any] = {**info, "quantized": {"wikitext2_ppl": quant.to_dict()}}
+        quant = self._score(ctx, ctx.model, ids, seqlen, info, "quantized")
+        write_json(ctx.out / RESULTS, quant)
+        ppl = quant["metrics"][cfg.metric_name()]["token_ppl"]
+        summary = {"ppl": ppl["value"], "seqlen": seqlen, "tokens": ppl["n"], "metrics": quant["metrics"]}
         if cfg.compare_fp:
-            metrics["fp"] = {"wikitext2_ppl": self._fp(ctx, ids, seqlen, info)}
-        write_json(ctx.out / METRICS, metrics)
-        summary = {"ppl": quant.ppl, "seqlen": seqlen, "tokens": quant.predicted_tokens}
-        if cfg.compare_fp:
-            summary["fp_ppl"] = metrics["fp"]["wikitext2_ppl"]["ppl"]
+            fp = self._fp(ctx, ids, seqlen, info)
+            write_json(ctx.out / FP_RESULTS, fp)
+            summary["fp_ppl"] = fp["metrics"][cfg.metric_name()]["token_ppl"]["value"]
+            summary["fp_metrics"] = fp["metrics"]
         return summary
 
-    def _fp(self, ctx: StageContext, ids, seqlen: int, info: dict[str, Any]) -> dict[str, Any]:
-        """FP perplexity, cached by (model identity, dtype, data hash, seqlen, budget, qtool version)."""
-        key = json.dumps([ctx.shared["model_identity"], ctx.recipe.model.dtype, info, __version__], sort_keys=True)
-        path = cache_dir() / "fp-perplexity" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    def _score(self, ctx: StageContext, model, ids, seqlen: int, info: dict[str, Any], label: str) -> dict:
+        """Results document for ``model``: the recipe's perplexity plus the lm-eval tasks."""
+        from qtool.eval.results import evaluate, versions
+
+        cfg: EvaluateConfig = ctx.config
+        task = f"evaluate {label}"
+        ppl = token_perplexity(model, ids, seqlen, cfg.max_tokens, lambda d, t: ctx.progress(task, d, t))
+        name = cfg.metric_name()
+        doc = {
+            "schema": "qtool.results/1",
+            "versions": versions(),
+            "model": {
+                "source": ctx.recipe.model.source,
+                "model_identity": ctx.shared["model_identity"],
+                "recipe": ctx.recipe.name,
+                "variant": label,
+            },
+            "settings": {"seqlen": seqlen, "max_tokens": cfg.max_tokens, "limit": cfg.limit},
+            "tasks": {name: {**info, "windows": ppl.windows, "corpus_tokens": ppl.corpus_tokens, "nll": ppl.nll}},
+            "metrics": {name: {"token_ppl": {"value": ppl.ppl, "stderr": None, "n": ppl.predicted_tokens}}},
+        }
+        if cfg.tasks:
+            lm = evaluate(
+                model, ctx.tokenizer, list(cfg.tasks), _data_dir(cfg), cfg.limit, cfg.batch_size, progress=ctx.progress
+            )
+            doc["tasks"].update(lm["tasks"])
+            doc["metrics"].update(lm["metrics"])
+        return doc
+
+    def _fp(self, ctx: StageContext, ids, seqlen: int, info: dict[str, Any]) -> dict:
+        """FP results, cached by (model identity, dtype, data hash, evaluate config, qtool version)."""
+        cfg: EvaluateConfig = ctx.config
+        key = json.dumps(
+            [ctx.shared["model_identity"], ctx.recipe.model.dtype, info, cfg.model_dump(mode="json"), __version__],
+            sort_keys=True,
+        )
+        path = cache_dir() / "fp-results" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if path.is_file():
-            ctx.log.info("evaluate: FP perplexity from cache %s", path)
+            ctx.log.info("evaluate: FP results from cache %s", path)
             return json.loads(path.read_text())
-        ctx.progress("evaluate FP", 0, 1)
         ref = ctx.reference_model()
-        result = token_perplexity(ref, ids, seqlen, ctx.config.max_tokens, _bar(ctx, "evaluate FP")).to_dict()
+        doc = self._score(ctx, ref, ids, seqlen, info, "fp")
         del ref
-        write_json(path, result)
-        return result
+        write_json(path, doc)
+        return doc
+
+
+def _data_dir(cfg: EvaluateConfig) -> Path:
+    from qtool.errors import QtoolError
+    from qtool.eval.tasks import default_data_dir
+
+    found = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    if found is None:
+        raise QtoolError("evaluate.data_dir: no task data found; set evaluate.data_dir or QTOOL_DATA_DIR")
+    return found
 
 
 def cache_dir() -> Path:
@@ -84,7 +155,3 @@ def cache_dir() -> Path:
     if os.environ.get("QTOOL_CACHE_DIR"):
         return Path(os.environ["QTOOL_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qtool"
-
-
-def _bar(ctx: StageContext, task: str):
-    return lambda done, total: ctx.progress(task, done, total)

@@ -130,17 +130,19 @@ def test_bfloat16_weight_keeps_bfloat16_scales(problem: tuple[torch.Tensor, torc
 def test_hessian_accumulator_merges_exactly() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 50, 16, generator=g)
-    whole = HessianAccumulator.zeros(16)
-    whole.add(x)
+    sequential = HessianAccumulator.zeros(16)
+    sequential.add(x[0])
+    sequential.add(x[1])
     a, b = HessianAccumulator.zeros(16), HessianAccumulator.zeros(16)
     a.add(x[0])
     b.add(x[1])
     a.merge(b)
-    assert a.count == whole.count == 100
-    assert torch.allclose(a.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
+    assert a.count == sequential.count == 100
+    assert torch.equal(a.hessian(), sequential.hessian())  # merge is exactly the same as adding in sequence
+    # each batch's product runs in float32 and is summed in float64: agrees with a float64 reference to fp32 precision
     x64 = x.reshape(-1, 16).double()
-    assert torch.allclose(whole.hessian(), 2 * x64.T @ x64 / 100, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(a.hessian(), 2 * x64.T @ x64 / 100, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features"):
-        whole.add(torch.randn(3, 8))
+        sequential.add(torch.randn(3, 8))
     with pytest.raises(ValueError, match="no inputs"):
         HessianAccumulator.zeros(4).hessian()
