@@ -8,7 +8,7 @@ MODEL ?= ../shared/assets/models/smollm2-135m-instruct-q4_1-gguf
 # 32 calibration windows of 512 tokens, 8 evaluation windows of 2048 tokens.
 DEMO_ARGS ?= --set calibration.n_samples=32 --set evaluate.max_tokens=16384
 
-.PHONY: install demo test test-slow bench lint schema-docs clean
+.PHONY: install demo test test-slow bench regress lint schema-docs clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/run.py --model $(MODEL) --out bench/results.json
+
+# Perplexity regression gate (run by CI): quantize stories260K with the W4A16-GPTQ test recipe and compare with the
+# committed baseline. Add each new recipe here as it lands. Re-baseline deliberately with REGRESS_ARGS=--update.
+REGRESS_RUN := runs/ci-stories260k-w4a16-gptq
+regress: install
+	$(BIN)/qtool quantize --recipe configs/tests/stories260k-w4a16-gptq.yaml --run-dir $(REGRESS_RUN) --force
+	$(BIN)/qtool regress --baseline configs/baselines/stories260k-w4a16-gptq.json \
+		--results $(REGRESS_RUN)/06-evaluate/results.json --recipe configs/tests/stories260k-w4a16-gptq.yaml $(REGRESS_ARGS)
 
 lint: install
 	$(BIN)/ruff check qtool tests bench

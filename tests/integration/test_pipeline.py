@@ -54,7 +54,7 @@ def test_fp_ppl_matches_the_asset_verification(gptq_run):
 def test_gptq_beats_rtn_and_stays_close_to_fp(gptq_run, rtn_run):
     gptq = gptq_run[2].manifest("evaluate")["summary"]
     rtn = rtn_run.manifest("evaluate")["summary"]
-    assert gptq["ppl"] < rtn["ppl"]  # measured: GPTQ 4.33, RTN 4.53 (FP 4.058)
+    assert gptq["ppl"] < rtn["ppl"]  # measured: GPTQ 4.4025, RTN 4.568 (FP 4.0579)
     assert gptq["ppl"] < 1.10 * gptq["fp_ppl"]
 
 
