@@ -9,6 +9,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qtool.errors import QtoolError
 
@@ -44,6 +45,27 @@ def setup_logging(verbose: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
+
+
+class ProgressBars(Progress):
+    """Rich progress bars created on first use, keyed by name: pass ``bars.report`` as a ``progress(task, done,
+    total)`` callback to library code."""
+
+    def __init__(self, out: Console):
+        super().__init__(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=out,
+            transient=True,
+        )
+        self._ids: dict[str, int] = {}
+
+    def report(self, task: str, done: int, total: int) -> None:
+        if task not in self._ids:
+            self._ids[task] = self.add_task(task, total=total)
+        self.update(self._ids[task], completed=done, total=total)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

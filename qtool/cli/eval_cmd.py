@@ -7,15 +7,13 @@ import logging
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qtool.cli.app import console, err_console, fail, setup_logging
+from qtool.cli.app import ProgressBars, console, err_console, fail, setup_logging
 from qtool.errors import QtoolError
 
 log = logging.getLogger(__name__)
 
-PACKED_MODEL = Path("05-pack") / "model"  # inside a run directory
 
 
 def register(app: typer.Typer) -> None:
@@ -81,7 +79,7 @@ def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenize
         with err_console.status(f"loading {src.path}"):
             loaded, tok = load_model(src, dtype=dtype)
         info["dtype"] = dtype
-        with _progress() as report:
+        with ProgressBars(err_console) as bars:
             return evaluate(
                 loaded,
                 tok,
@@ -91,7 +89,7 @@ def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenize
                 batch_size=batch_size,
                 seqlen=seqlen,
                 max_tokens=max_tokens,
-                progress=report,
+                progress=bars.report,
                 model_info=info,
             )
 
@@ -102,46 +100,16 @@ def resolve_eval_model(model: str, tokenizer: str | None = None):
     through compressed-tensors)."""
     from qtool.models.loading import resolve_source
 
-    path = Path(model).expanduser()
     info: dict = {"path": model}
-    if (path / "run.json").is_file():
-        packed = path / PACKED_MODEL
-        if not (packed / "config.json").is_file():
-            raise QtoolError(f"model: run {model} has no packed model at {packed}; run its pack stage first")
-        info["run_dir"] = str(path)
-        path = packed
-    src = resolve_source(str(path), tokenizer)
+    if (Path(model).expanduser() / "run.json").is_file():
+        info["run_dir"] = model  # resolve_source turns a run directory into its packed model
+    src = resolve_source(model, tokenizer)
     info.update(kind=src.kind, source=src.path, gguf_file=src.gguf_file, tokenizer=src.tokenizer)
     if src.kind == "dir":
         config = json.loads((Path(src.path) / "config.json").read_text(encoding="utf-8"))
         qc = config.get("quantization_config")
         info["quantization"] = {"quant_method": qc.get("quant_method"), "format": qc.get("format")} if qc else None
     return src, info
-
-
-class _progress:
-    """A Rich progress bar on stderr driven by ``progress(task, done, total)`` callbacks."""
-
-    def __enter__(self):
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        self._bar.__enter__()
-        self._ids: dict[str, int] = {}
-        return self.report
-
-    def report(self, name: str, done: int, total: int) -> None:
-        if name not in self._ids:
-            self._ids[name] = self._bar.add_task(name, total=total)
-        self._bar.update(self._ids[name], completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self._bar.__exit__(*exc)
 
 
 def results_table(doc: dict, title: str | None = None) -> Table:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qtool.cli.app import console, err_console, setup_logging
+from qtool.cli.app import ProgressBars, console, err_console, setup_logging
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML (see recipes/)")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="local HF dir, .gguf file, or hub id")]
@@ -45,7 +44,7 @@ def quantize(
 
     rec = load_recipe(recipe, set_ or [], model)
     out = err_console if json_out else console
-    with _progress(out) as bar:
+    with ProgressBars(out) as bar:
         pipe = Pipeline(
             rec,
             run_dir,
@@ -132,27 +131,6 @@ def _methods(annotation: Any) -> list[str]:
         if field is not None:
             out += list(typing.get_args(field.annotation))
     return out
-
-
-class _Bars(Progress):
-    """Rich progress whose tasks are created on first use, keyed by name."""
-
-    def update_task(self, task: str, done: int, total: int) -> None:
-        ids = self.__dict__.setdefault("_ids", {})
-        if task not in ids:
-            ids[task] = self.add_task(task, total=total)
-        self.update(ids[task], completed=done, total=total)
-
-
-def _progress(out) -> _Bars:
-    return _Bars(
-        TextColumn("  {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=out,
-        transient=True,
-    )
 
 
 def _notify(out, st) -> None:

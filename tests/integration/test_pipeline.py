@@ -207,3 +207,28 @@ def test_asymmetric_run_dir_loads_through_qtool_loader(tmp_path):
     ppl = token_perplexity(model, ids, 512, rec.evaluate.max_tokens).ppl
     ours = result.manifest("evaluate")["summary"]["ppl"]
     assert abs(ppl - ours) / ours <= 1e-3
+
+
+def test_evaluate_stage_runs_lm_eval_tasks_in_the_shared_results_format(tmp_path):
+    """The evaluate stage writes the same results document as `qtool eval --json`; `qtool regress` reads it."""
+    from qtool.eval.results import read_results
+
+    require(STORIES, TINYSTORIES)
+    recipe = write_recipe(
+        tmp_path / "tasks.yaml",
+        name="tasks",
+        quantize={"method": "rtn"},
+        evaluate={
+            **load_recipe(write_recipe(tmp_path / "base.yaml")).evaluate.model_dump(mode="json"),
+            "tasks": ["piqa"],
+            "limit": 20,
+            "max_tokens": 4096,
+        },
+    )
+    _run(recipe, tmp_path / "run")
+    quant = read_results(tmp_path / "run" / "06-evaluate" / "results.json")
+    fp = read_results(tmp_path / "run" / "06-evaluate" / "results-fp.json")
+    assert set(quant["metrics"]) == set(fp["metrics"]) == {"tinystories", "piqa"}
+    assert quant["metrics"]["piqa"]["acc"]["n"] == 20
+    assert 0.0 <= quant["metrics"]["piqa"]["acc"]["value"] <= 1.0
+    assert fp["metrics"]["tinystories"]["token_ppl"]["value"] < quant["metrics"]["tinystories"]["token_ppl"]["value"]
