@@ -48,7 +48,7 @@ def quantize(
         pipe = Pipeline(
             rec,
             run_dir,
-            progress=bar.update_task,
+            progress=bar.report,
             notify=lambda st: _notify(out, st),
             force=force,
             from_stage=from_stage,
