@@ -56,6 +56,8 @@ def run_one(recipe: str, model: str, out_dir: Path, extra: list[str]) -> dict:
         "packed_bytes": pack["bytes"],
         "bf16_bytes": pack["bf16_bytes"],
         "packed_vs_bf16": round(pack["bytes"] / pack["bf16_bytes"], 4),
+        "quantized_linear_bytes": pack["quantized_linear_bytes"],
+        "quantized_linear_vs_bf16": round(pack["quantized_linear_bytes"] / pack["quantized_linear_bf16_bytes"], 4),
         "ppl": ev["ppl"],
         "fp_ppl": ev.get("fp_ppl"),
         "eval_seqlen": ev["seqlen"],
