@@ -40,7 +40,7 @@ def resolve_source(model: str, tokenizer: str | None = None) -> ModelSource:
     if p.is_dir() and (p / "run.json").is_file():  # a qtool run directory: its packed checkpoint
         packed = p / "05-pack" / "model"
         if not (packed / "config.json").is_file():
-            raise QtoolError(f"model: run {model} has no packed model yet; finish it with qtool quantize first")
+            raise QtoolError(f"model: run {model} has no packed model at {packed}; finish it with qtool quantize first")
         p = packed
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource("gguf", str(p.parent), p.name, tokenizer)
