@@ -21,6 +21,12 @@ def validate_fit(recipe: Recipe) -> str:
     ):
         if not Path(path).is_file():
             raise QtoolError(f"{field}: file {path} does not exist; pass an existing text or jsonl file")
+    if recipe.evaluate.tasks:
+        from qtool.eval.tasks import task_files
+        from qtool.stages.evaluate import task_data_dir
+
+        for task in recipe.evaluate.tasks:  # a missing task file must not surface after quantization
+            task_files(task, task_data_dir(recipe.evaluate))
     src = resolve_source(recipe.model.source, recipe.model.tokenizer)
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)

@@ -15,7 +15,6 @@ from qtool.errors import QtoolError
 log = logging.getLogger(__name__)
 
 
-
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from qtool.data import file_sha256, load_text, tokenize
 from qtool.errors import QtoolError
 from qtool.eval.lmeval import BOOTSTRAP_ITERS, offline, run_lm_eval
-from qtool.eval.perplexity import default_seqlen, token_perplexity
+from qtool.eval.perplexity import Perplexity, default_seqlen, token_perplexity
 from qtool.eval.tasks import TASKS_DIR, get_task, task_files
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,20 @@ def _perplexity(
     ids = tokenize(tokenizer, load_text(path, get_task(task).text_format, field=f"tasks.{task}"))
     seq = default_seqlen(model, seqlen)
     report = (lambda done, total: progress(task, done, total)) if progress else None
-    ppl = token_perplexity(model, ids, seq, max_tokens, progress=report)
+    return perplexity_entry(token_perplexity(model, ids, seq, max_tokens, progress=report), max_tokens)
+
+
+def perplexity_entry(ppl: Perplexity, max_tokens: int | None) -> tuple[dict, dict]:
+    """``(metrics row, task info)`` of one token-perplexity measurement, as results documents hold them."""
     metric = {"token_ppl": {"value": ppl.ppl, "stderr": None, "n": ppl.predicted_tokens}}
-    extra = {
+    info = {
         "seqlen": ppl.seqlen,
         "max_tokens": max_tokens,
         "windows": ppl.windows,
         "corpus_tokens": ppl.corpus_tokens,
         "nll": ppl.nll,
     }
-    return metric, extra
+    return metric, info
 
 
 def write_results(doc: dict, path: str | Path) -> Path:

@@ -95,14 +95,15 @@ class Evaluate(Stage):
 
     def _score(self, ctx: StageContext, model, ids, seqlen: int, info: dict[str, Any], label: str) -> dict:
         """Results document for ``model``: the recipe's perplexity plus the lm-eval tasks."""
-        from qtool.eval.results import evaluate, versions
+        from qtool.eval.results import SCHEMA, evaluate, perplexity_entry, versions
 
         cfg: EvaluateConfig = ctx.config
         task = f"evaluate {label}"
         ppl = token_perplexity(model, ids, seqlen, cfg.max_tokens, lambda d, t: ctx.progress(task, d, t))
+        metric, extra = perplexity_entry(ppl, cfg.max_tokens)
         name = cfg.metric_name()
         doc = {
-            "schema": "qtool.results/1",
+            "schema": SCHEMA,
             "versions": versions(),
             "model": {
                 "source": ctx.recipe.model.source,
@@ -111,12 +112,18 @@ class Evaluate(Stage):
                 "variant": label,
             },
             "settings": {"seqlen": seqlen, "max_tokens": cfg.max_tokens, "limit": cfg.limit},
-            "tasks": {name: {**info, "windows": ppl.windows, "corpus_tokens": ppl.corpus_tokens, "nll": ppl.nll}},
-            "metrics": {name: {"token_ppl": {"value": ppl.ppl, "stderr": None, "n": ppl.predicted_tokens}}},
+            "tasks": {name: {**info, **extra}},
+            "metrics": {name: metric},
         }
         if cfg.tasks:
             lm = evaluate(
-                model, ctx.tokenizer, list(cfg.tasks), _data_dir(cfg), cfg.limit, cfg.batch_size, progress=ctx.progress
+                model,
+                ctx.tokenizer,
+                list(cfg.tasks),
+                task_data_dir(cfg),
+                cfg.limit,
+                cfg.batch_size,
+                progress=ctx.progress,
             )
             doc["tasks"].update(lm["tasks"])
             doc["metrics"].update(lm["metrics"])
@@ -140,7 +147,8 @@ class Evaluate(Stage):
         return doc
 
 
-def _data_dir(cfg: EvaluateConfig) -> Path:
+def task_data_dir(cfg: EvaluateConfig) -> Path:
+    """Where ``evaluate.tasks`` read their data (checked by ``qtool validate`` before anything runs)."""
     from qtool.errors import QtoolError
     from qtool.eval.tasks import default_data_dir
 

@@ -104,3 +104,19 @@ def test_schema_and_stages():
 
 def test_status_of_a_missing_run_dir(tmp_path):
     assert_one_line_error(qtool("status", str(tmp_path)), "RUN_DIR", "run.json")
+
+
+def test_missing_lm_eval_task_data_fails_before_anything_runs(tmp_path):
+    require(STORIES, TINYSTORIES)
+    path = write_recipe(tmp_path / "r.yaml", output={"run_dir": str(tmp_path / "run")})
+    proc = qtool(
+        "quantize",
+        "--recipe",
+        str(path),
+        "--set",
+        "evaluate.tasks=[piqa]",
+        "--set",
+        f"evaluate.data_dir={tmp_path / 'nodata'}",
+    )
+    assert_one_line_error(proc, "piqa", "nodata")
+    assert not (tmp_path / "run").exists()
