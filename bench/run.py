@@ -1,8 +1,9 @@
-"""`make bench`: quantize SmolLM2 (or MODEL) with the shipped W4A16 recipes and record time, memory, size, ppl.
+"""`make bench`: quantize SmolLM2 (or MODEL) with the shipped recipes and record time, memory, size, ppl.
 
-Each recipe runs as its own ``qtool quantize --json --force`` process, so peak RSS (``os.wait4``) is that run's
-alone. Writes ``bench/results.json`` and prints a table. Numbers from one run on one machine: compare ratios
-within a run, not absolute seconds across machines.
+Each row runs as its own ``qtool quantize --json --force`` process, so peak RSS (``os.wait4``) is that run's
+alone. Writes ``bench/results.json`` (``--only`` reruns some rows and keeps the others) and prints a table. Every
+row evaluates with the same token budget (the recipes' ``evaluate`` sections are identical). Numbers from one run
+on one machine: compare ratios within a run, not absolute seconds across machines.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["recipes/w4a16-rtn.yaml", "recipes/w4a16-gptq.yaml"]
+# label -> (recipe, recipe overrides)
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "w4a16-rtn": ("recipes/w4a16-rtn.yaml", []),
+    "w4a16-gptq": ("recipes/w4a16-gptq.yaml", []),
+    "w4a4kv4-rtn": ("recipes/w4a4-rtn.yaml", []),
+    "w4a4kv4-hadamard-rtn": ("recipes/w4a4-quarot.yaml", ["quantize={method: rtn}"]),
+    "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),
+    "w8a8-smoothquant-gptq": ("recipes/w8a8-smoothquant.yaml", []),
+}
 
 
-def run_one(recipe: str, model: str, out_dir: Path, extra: list[str]) -> dict:
-    run_dir = out_dir / Path(recipe).stem
+def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
+    recipe, own = ROWS[label]
+    extra = [x for o in own for x in ("--set", o)] + extra
+    run_dir = out_dir / label
     cmd = [
         sys.executable,
         "-m",
@@ -47,8 +58,15 @@ def run_one(recipe: str, model: str, out_dir: Path, extra: list[str]) -> dict:
     summary = json.loads(stdout)["stages"]
     ev, pack, q = summary["evaluate"]["summary"], summary["pack"]["summary"], summary["quantize"]
     recipe_yaml = (run_dir / "recipe.yaml").read_text()
+    transform = summary["transform"]["summary"] or {}
+    outliers = summary["outliers"]["summary"] or {}
     return {
+        "label": label,
         "recipe": recipe,
+        "overrides": own,
+        "transform_seconds": summary["transform"]["seconds"],
+        "outliers_worst": outliers.get("worst", [])[:5],
+        "before_after": transform.get("before_after", [])[:5],
         "quantize_seconds": q["seconds"],
         "calibrate_seconds": summary["calibrate"]["seconds"],
         "pipeline_wall_seconds": round(time.time() - start, 1),
@@ -70,26 +88,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="../shared/assets/models/smollm2-135m-instruct-q4_1-gguf")
     ap.add_argument("--out", default="bench/results.json")
-    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--only", nargs="*", default=list(ROWS), choices=list(ROWS), help="rows to (re)run")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every run")
     args = ap.parse_args()
     extra = [x for o in args.overrides for x in ("--set", o)]
-    rows = [run_one(r, args.model, ROOT / "bench" / "out", extra) for r in args.recipes]
+    new = {label: run_one(label, args.model, ROOT / "bench" / "out", extra) for label in args.only}
     import torch
+
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    kept = {r.get("label", Path(r["recipe"]).stem): r for r in old.get("runs", []) if old.get("model") == args.model}
+    kept.update(new)
+    rows = [kept[label] for label in ROWS if label in kept]
 
     result = {
         "model": args.model,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "rerun": list(new),
         "runs": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"{'recipe':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}"
-    )
+    print(f"{'row':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}")
     for r in rows:
         print(
-            f"{r['recipe']:28} {r['quantize_seconds']:>10.1f} {r['peak_rss_mb']:>11.0f} "
+            f"{r.get('label', r['recipe']):28} {r['quantize_seconds']:>10.1f} {r['peak_rss_mb']:>11.0f} "
             f"{r['packed_bytes'] / 1e6:>9.1f} {r['packed_vs_bf16']:>7.3f} {r['ppl']:>8.3f} {r['fp_ppl'] or 0:>8.3f}"
         )
     print(f"(eval: seqlen {rows[0]['eval_seqlen']}, {rows[0]['eval_tokens']} predicted tokens) -> {args.out}")

@@ -27,12 +27,19 @@ def render() -> str:
     for name, sub in sorted(defs.items()):
         out += [f"## `{name}`\n", (sub.get("description") or "").strip() + "\n", _table(sub, defs)]
     out.append("## Presets\n")
-    out.append("| preset | weights |\n|---|---|")
+    out.append("| preset | weights | input activations | KV cache |\n|---|---|---|---|")
     for name, scheme in PRESETS.items():
-        w = scheme.weights
-        gran = f"group {w.group_size}" if w.granularity == "group" else w.granularity
-        out.append(f"| `{name}` | int{w.bits}, {'symmetric' if w.symmetric else 'asymmetric'}, {gran} |")
+        cells = [_args(scheme.weights), _args(scheme.input_activations), _args(scheme.kv_cache)]
+        out.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _args(a: Any) -> str:
+    if a is None:
+        return "—"
+    gran = f"group {a.group_size}" if a.granularity == "group" else a.granularity
+    kind = ", dynamic" if a.dynamic else ""
+    return f"int{a.bits}, {'symmetric' if a.symmetric else 'asymmetric'}, {gran}{kind}"
 
 
 def _table(schema: dict[str, Any], defs: dict[str, Any]) -> str:

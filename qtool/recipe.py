@@ -21,7 +21,7 @@ from qtool.stages.evaluate import EvaluateConfig
 from qtool.stages.outliers import OutliersConfig
 from qtool.stages.pack import PackConfig
 from qtool.stages.quantize import GptqConfig, RtnConfig
-from qtool.stages.transform import TransformConfig
+from qtool.stages.transform import NoTransform, TransformConfig
 
 RECIPE_VERSION = 1
 
@@ -54,10 +54,10 @@ class Recipe(BaseModel):
     calibration: CalibrationConfig
     scheme: Scheme
     outliers: OutliersConfig = OutliersConfig()
-    transform: TransformConfig = TransformConfig()
+    transform: TransformConfig = NoTransform()
     quantize: Annotated[RtnConfig | GptqConfig, Field(discriminator="method")]
     pack: PackConfig = PackConfig()
-    evaluate: EvaluateConfig
+    evaluate: EvaluateConfig | None = Field(None, description="omit to quantize and pack without evaluating")
     output: OutputConfig = OutputConfig()
 
     @field_validator("model", mode="before")
@@ -79,8 +79,8 @@ class Recipe(BaseModel):
             raise ValueError(f"unknown preset '{name}'; use one of {', '.join(PRESETS)}")
         base = PRESETS[name].model_dump()
         for key, value in v.items():
-            if key == "weights" and isinstance(value, dict):
-                base["weights"] = {**base["weights"], **value}
+            if key in ("weights", "input_activations", "kv_cache") and isinstance(value, dict) and base.get(key):
+                base[key] = {**base[key], **value}
             else:
                 base[key] = value
         return base
@@ -88,6 +88,8 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         cal, ev = self.calibration, self.evaluate
+        if ev is None:
+            return self
         same = Path(cal.dataset).resolve() == Path(ev.dataset).resolve()
         if same and cal.span[0] < ev.span[1] and ev.span[0] < cal.span[1]:
             raise ValueError(
@@ -172,8 +174,11 @@ def format_error(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+_UNION_TAGS = ("rtn", "gptq", "none", "hadamard", "smoothquant", "function-after[_check(), QuantArgs]")
+
+
 def _is_union_tag(x: Any) -> bool:
-    return isinstance(x, str) and x in ("rtn", "gptq", "function-after[_check(), QuantArgs]")
+    return isinstance(x, str) and (x in _UNION_TAGS or x.startswith("function-after["))
 
 
 def recipe_schema() -> dict[str, Any]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Granularity = Literal["tensor", "channel", "group", "token"]
+Granularity = Literal["tensor", "channel", "group", "token", "head"]
 
 
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
@@ -33,7 +33,10 @@ class QuantArgs(BaseModel):
     - ``"channel"``: one scale per output row, scales ``[out, 1]``.
     - ``"tensor"``: one scale, ``[1]``.
     - ``"token"``: activations only, one scale per token (row of the flattened ``[tokens, features]`` input);
-      requires ``dynamic=True``.
+      requires ``dynamic=True``. With ``dynamic=True``, ``"group"`` means one scale per token and per
+      ``group_size`` consecutive features.
+    - ``"head"``: KV cache only, one scale per token and attention head (QuaRot's KV grouping; the same as
+      ``"group"`` with ``group_size = head_dim``).
     - ``observer``: ``minmax`` takes the range as is (times ``clip_ratio``); ``mse`` searches shrink factors of the
       range and keeps the one with the lowest reconstruction error (per scale group).
     """
@@ -54,8 +57,8 @@ class QuantArgs(BaseModel):
             raise ValueError("granularity 'group' needs group_size (e.g. 128); or use granularity 'channel'")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size is only meaningful with granularity 'group', not '{self.granularity}'")
-        if self.granularity == "token" and not self.dynamic:
-            raise ValueError("granularity 'token' is computed per batch: set dynamic: true")
+        if self.granularity in ("token", "head") and not self.dynamic:
+            raise ValueError(f"granularity '{self.granularity}' is computed per batch: set dynamic: true")
         return self
 
     @property
@@ -75,19 +78,49 @@ class Scheme(BaseModel):
     ``group_fallback`` says what happens to a targeted linear whose ``in_features`` the group size does not divide
     (stories260K's down_proj has 172): ``error`` (default: validation names the layer and a size that works),
     ``channel`` (that linear gets per-channel scales) or ``ignore`` (it stays unquantized).
-    Activation and KV-cache quantization are not part of this release; weights only.
+
+    ``input_activations`` (optional) quantizes the input of every targeted linear on the fly (``dynamic: true``,
+    granularity ``token``, ``group`` or ``tensor``); ``kv_cache`` (optional) quantizes keys (after RoPE and any
+    online rotation) and values per token, per head (``head``) or per ``group_size`` features within a head.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: QuantArgs
+    input_activations: QuantArgs | None = None
+    kv_cache: QuantArgs | None = None
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     ignore: tuple[str, ...] = ()
     group_fallback: Literal["error", "channel", "ignore"] = "error"
 
+    @field_validator("weights")
+    @classmethod
+    def _static_weights(cls, w: QuantArgs) -> QuantArgs:
+        if w.dynamic or w.granularity in ("token", "head"):
+            raise ValueError("use granularity tensor, channel or group with dynamic: false")
+        return w
+
+    @field_validator("input_activations")
+    @classmethod
+    def _dynamic_activations(cls, a: QuantArgs | None) -> QuantArgs | None:
+        if a is not None and (not a.dynamic or a.granularity not in ("token", "group", "tensor")):
+            raise ValueError(
+                "qtool quantizes activations on the fly: set dynamic: true with granularity token, group or tensor"
+            )
+        return a
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _dynamic_kv(cls, kv: QuantArgs | None) -> QuantArgs | None:
+        if kv is not None and (not kv.dynamic or kv.granularity not in ("head", "group", "token")):
+            raise ValueError("set dynamic: true with granularity head (per token and head) or group")
+        return kv
+
     @property
     def name(self) -> str:
-        return f"W{self.weights.bits}A16"
+        a = self.input_activations.bits if self.input_activations else 16
+        kv = f"KV{self.kv_cache.bits}" if self.kv_cache else ""
+        return f"W{self.weights.bits}A{a}{kv}"
 
 
 def _w(bits: int, group_size: int | None = 128) -> QuantArgs:
@@ -96,10 +129,26 @@ def _w(bits: int, group_size: int | None = 128) -> QuantArgs:
     return QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group_size)
 
 
-# Presets as data: the weight-only schemes llm-compressor and GPTQModel users know. Group presets use g128;
-# a recipe overrides any field (``scheme: {preset: W4A16, weights: {group_size: 64}}``).
+def _a(bits: int) -> QuantArgs:
+    """Per-token dynamic symmetric activations (QuaRot, SmoothQuant, llm-compressor's W8A8)."""
+    return QuantArgs(bits=bits, symmetric=True, granularity="token", dynamic=True)
+
+
+def _kv(bits: int) -> QuantArgs:
+    """Asymmetric per-token, per-head KV cache (QuaRot's KV grouping)."""
+    return QuantArgs(bits=bits, symmetric=False, granularity="head", dynamic=True)
+
+
+# Presets as data: the schemes llm-compressor, GPTQModel and the QuaRot/OSTQuant papers use. Weight-only group
+# presets use g128; weight+activation presets use per-channel weights, as QuaRot and llm-compressor's W8A8 do.
+# A recipe overrides any field (``scheme: {preset: W4A16, weights: {group_size: 64}}``).
 PRESETS: dict[str, Scheme] = {
     "W4A16": Scheme(weights=_w(4)),
     "W3A16": Scheme(weights=_w(3)),
     "W8A16": Scheme(weights=_w(8, None)),
+    "W8A8": Scheme(weights=_w(8, None), input_activations=_a(8)),
+    "W4A8": Scheme(weights=_w(4, None), input_activations=_a(8)),
+    "W4A4": Scheme(weights=_w(4, None), input_activations=_a(4)),
+    "W4A4KV4": Scheme(weights=_w(4, None), input_activations=_a(4), kv_cache=_kv(4)),
+    "W8A8KV8": Scheme(weights=_w(8, None), input_activations=_a(8), kv_cache=_kv(8)),
 }

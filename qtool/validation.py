@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import QtoolError
-from qtool.models.arch import decoder_layers, spec_for
+from qtool.models.arch import decoder_layers, head_dim_of, spec_for
 from qtool.models.loading import load_config, resolve_source
 from qtool.recipe import Recipe
 from qtool.targets import plan_targets
@@ -15,13 +15,12 @@ from qtool.targets import plan_targets
 
 def validate_fit(recipe: Recipe) -> str:
     """Raise ``QtoolError`` on the first problem; return a one-line description of what would be quantized."""
-    for field, path in (
-        ("calibration.dataset", recipe.calibration.dataset),
-        ("evaluate.dataset", recipe.evaluate.dataset),
-    ):
+    ev = recipe.evaluate
+    files = [("calibration.dataset", recipe.calibration.dataset)] + ([("evaluate.dataset", ev.dataset)] if ev else [])
+    for field, path in files:
         if not Path(path).is_file():
             raise QtoolError(f"{field}: file {path} does not exist; pass an existing text or jsonl file")
-    if recipe.evaluate.tasks:
+    if ev is not None and ev.tasks:
         from qtool.eval.tasks import task_files
         from qtool.stages.evaluate import task_data_dir
 
@@ -33,12 +32,13 @@ def validate_fit(recipe: Recipe) -> str:
     context = getattr(config, "max_position_embeddings", None)
     for field, seqlen in (
         ("calibration.seqlen", recipe.calibration.seqlen),
-        ("evaluate.seqlen", recipe.evaluate.seqlen),
+        ("evaluate.seqlen", ev.seqlen if ev else None),
     ):
         if context and seqlen and seqlen > context:
             raise QtoolError(f"{field}: {seqlen} exceeds the model's context of {context}; use ≤ {context}")
     model = meta_model(config, recipe.model.trust_remote_code)
     plan = plan_targets(decoder_layers(model, spec), spec, recipe.scheme)
+    _check_dynamic_groups(recipe, plan, config)
     n = sum(len(row) for row in plan)
     fallback = sum(1 for row in plan for t in row if t.args != recipe.scheme.weights)
     extra = f", {fallback} with per-channel fallback" if fallback else ""
@@ -46,6 +46,25 @@ def validate_fit(recipe: Recipe) -> str:
         f"{recipe.scheme.name} {recipe.quantize.method} on {n} linears in {len(plan)} layers{extra} "
         f"({spec.family} family, model {recipe.model.source})"
     )
+
+
+def _check_dynamic_groups(recipe: Recipe, plan, config) -> None:
+    """Group sizes of activation and KV-cache quantization must divide what they group."""
+    a, kv = recipe.scheme.input_activations, recipe.scheme.kv_cache
+    if a is not None and a.granularity == "group":
+        for t in (t for row in plan for t in row):
+            if t.in_features % a.group_size:
+                raise QtoolError(
+                    f"scheme.input_activations.group_size: {a.group_size} does not divide in_features="
+                    f"{t.in_features} of layer {t.layer} {t.name}; use a divisor or granularity token"
+                )
+    if kv is not None and kv.granularity == "group":
+        hd = head_dim_of(config)
+        if hd % kv.group_size:
+            raise QtoolError(
+                f"scheme.kv_cache.group_size: {kv.group_size} does not divide head_dim={hd}; "
+                "use a divisor of it or granularity head"
+            )
 
 
 def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,20 @@ def stories_recipe(tmp_path):
         return write_recipe(tmp_path / name, **sections)
 
     return make
+
+
+@pytest.fixture
+def exact_norms(monkeypatch):
+    """RMSNorm in the input's own dtype.
+
+    transformers' LlamaRMSNorm casts its input to float32 even for a float64 model, which limits any float64
+    comparison of two equivalent models to ~1e-6. Equivalence tests (rotations, smoothing) patch the norm to the same
+    formula computed in float64 so that they can assert 1e-9.
+    """
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)

@@ -20,7 +20,12 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
   default compressed load builds ``weight_zero_point`` unpacked (``[out, n_groups]`` int8) and rejects the packed
   tensor (llm-compressor issue #1618; checkpoints llm-compressor writes have the same packed zero points).
 - ``naive-quantized`` stores ``weight`` int8 ``[out, in]``, ``weight_scale`` and (asymmetric) ``weight_zero_point``
-  int8 unpacked.
+  int8 unpacked. ``int-quantized`` (``IntQuantizationCompressor``) is the same layout; compressed-tensors picks it
+  (before ``pack-quantized``) for int weights whose scheme also quantizes input activations, so W8A8 and W4A4
+  checkpoints store one int8 per weight.
+- Activation and KV-cache schemes are recorded as ``input_activations`` (``strategy: token``, ``dynamic: true``)
+  and ``kv_cache_scheme`` (qtool's per-head grouping as ``strategy: group`` with ``group_size: head_dim``: the
+  only form compressed-tensors accepts for dynamic quantization).
 - Scales are stored in the model's dtype (``quantizer.scale_dtype_for``): compressed-tensors creates
   ``weight_scale`` with the weight's dtype and decompresses as ``(q.to(s.dtype) - zp.to(s.dtype)) * s`` in that
   dtype. ``QuantizedWeight.dequantize(scale.dtype)`` does the same operations, so the two agree bit for bit.
@@ -41,7 +46,9 @@ from qtool.schemes import QuantArgs
 
 PACK_QUANTIZED = "pack-quantized"
 NAIVE_QUANTIZED = "naive-quantized"
-FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED)
+INT_QUANTIZED = "int-quantized"
+FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
+UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
 # The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
 COMPRESSED_TENSORS_VERSION = "0.20.0"
 # Bit widths compressed-tensors' pack-quantized accepts.
@@ -109,8 +116,11 @@ def unpack_from_int32(packed: Tensor, bits: int, shape: tuple[int, int] | torch.
     return (values.T if packed_dim == 0 else values).contiguous()
 
 
-def format_for(args: QuantArgs) -> str:
-    """compressed-tensors format for weights quantized with ``args``: ``pack-quantized`` for 1..8-bit ints."""
+def format_for(args: QuantArgs, activations: QuantArgs | None = None) -> str:
+    """compressed-tensors format for weights quantized with ``args``: ``int-quantized`` when the inputs are
+    quantized too, else ``pack-quantized`` for 1..8-bit ints."""
+    if activations is not None:
+        return INT_QUANTIZED
     return PACK_QUANTIZED if args.bits in PACKABLE_BITS else NAIVE_QUANTIZED
 
 
@@ -126,7 +136,7 @@ def compress_linear(qw: QuantizedWeight, fmt: str | None = None) -> dict[str, Te
     if fmt == PACK_QUANTIZED:
         out["weight_packed"] = pack_to_int32(qw.q, args.bits)
         out["weight_shape"] = torch.tensor(list(qw.shape), dtype=torch.int64)
-    elif fmt == NAIVE_QUANTIZED:
+    elif fmt in UNPACKED:
         out["weight"] = qw.q.contiguous()
     else:
         raise ValueError(f"unknown format '{fmt}'; qtool writes one of {FORMATS}")
@@ -146,9 +156,12 @@ def quantization_config(
     fmt: str,
     *,
     actorder: bool = False,
+    input_activations: QuantArgs | None = None,
+    kv_cache: QuantArgs | None = None,
+    head_dim: int | None = None,
     version: str = COMPRESSED_TENSORS_VERSION,
 ) -> dict[str, Any]:
-    """The ``quantization_config`` block of config.json for one weight-only scheme (config group ``group_0``).
+    """The ``quantization_config`` block of config.json for one scheme (config group ``group_0``).
 
     ``targets``: full dotted module names (exact match) or ``re:`` regexes (``re.match``, end them with ``$``);
     ``ignore``: names or regexes excluded from the targets (e.g. ``lm_head``). ``actorder=True`` records GPTQ's
@@ -174,7 +187,7 @@ def quantization_config(
     scheme = {
         "targets": list(targets),
         "weights": weights,
-        "input_activations": None,
+        "input_activations": _dynamic_args(input_activations),
         "output_activations": None,
         "format": fmt,
     }
@@ -183,12 +196,30 @@ def quantization_config(
         "format": fmt,
         "global_compression_ratio": None,
         "ignore": list(ignore),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _dynamic_args(kv_cache, head_dim),
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
         "sparsity_config": {},
         "transform_config": {},
         "version": version,
+    }
+
+
+def _dynamic_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[str, Any] | None:
+    """compressed-tensors ``QuantizationArgs`` of a dynamic activation or KV-cache quantizer. compressed-tensors
+    allows only token/tensor/group strategies for dynamic quantization, so qtool's per-head KV grouping is written
+    as ``group`` with ``group_size = head_dim`` (the same grouping)."""
+    if args is None:
+        return None
+    head = args.granularity == "head"
+    return {
+        "num_bits": args.bits,
+        "type": "int",
+        "symmetric": args.symmetric,
+        "strategy": "group" if head else args.granularity,
+        "group_size": head_dim if head else args.group_size,
+        "dynamic": True,
+        "observer": None,
     }
 
 

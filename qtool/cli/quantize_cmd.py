@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from qtool.cli.app import ProgressBars, console, err_console, setup_logging
+from qtool.cli.inspect_cmd import print_before_after, print_worst
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML (see recipes/)")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="local HF dir, .gguf file, or hub id")]
@@ -138,6 +139,11 @@ def _notify(out, st) -> None:
         out.print(f"[bold]▶ {st.name}[/] running…")
     elif st.status == "done" and st.ran:
         out.print(f"[green]✓ {st.name}[/] done in {st.manifest['seconds']:.1f}s")
+        summary = st.manifest.get("summary", {})
+        if st.name == "outliers":
+            print_worst(out, summary)
+        elif st.name == "transform" and "before_after" in summary:
+            print_before_after(out, summary)
     elif st.status == "done":
         out.print(f"[dim]✓ {st.name} already done (fingerprint {st.fingerprint}), applied[/]")
 

@@ -28,6 +28,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
     v_proj: str = "self_attn.v_proj"
@@ -80,3 +81,8 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(spec.layers)
+
+
+def head_dim_of(config) -> int:
+    """Attention head size of a transformers config."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

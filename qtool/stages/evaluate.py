@@ -71,7 +71,10 @@ class Evaluate(Stage):
     sections = ("evaluate",)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        cfg: EvaluateConfig = ctx.config
+        cfg: EvaluateConfig | None = ctx.config
+        if cfg is None:
+            ctx.log.info("evaluate: no evaluate section in the recipe; nothing scored")
+            return {"skipped": True}
         text = load_text(cfg.dataset, cfg.format, cfg.text_field, "evaluate.dataset", cfg.span)
         ids = tokenize(ctx.tokenizer, text)
         seqlen = default_seqlen(ctx.model, cfg.seqlen)

@@ -18,12 +18,17 @@ from pydantic import Field
 
 from qtool.algorithms.packing import compress_linear, format_for, quantization_config
 from qtool.artifacts import save_tensors, write_json
-from qtool.models.arch import decoder_layers
+from qtool.models.arch import decoder_layers, head_dim_of
 from qtool.models.loading import DTYPES
+from qtool.models.online import describe
 from qtool.stages.base import Stage, StageConfig, StageContext
 from qtool.stages.quantize import LAYERS, load_layer
 
 MODEL_DIR = "model"
+# config.json section for what runs online in the model (rotations, dynamic quantizers) and the file holding any
+# stored online rotation matrix; read back by qtool's loader (qtool/models/packed.py).
+QTOOL_SECTION = "qtool"
+ONLINE_TENSORS = "qtool_online.safetensors"
 
 
 class PackConfig(StageConfig):
@@ -45,10 +50,16 @@ class Pack(Stage):
         tensors, groups, linear_bytes, linear_params = self._collect(ctx, dtype)
         sizes = write_shards(out, tensors, cfg.max_shard_bytes)
         config = ctx.model.config.to_dict()
-        config.pop("_name_or_path", None)
+        for key in [k for k in config if k == "_name_or_path" or k.startswith("_attn_implementation")]:
+            del config[key]
         if dtype is not None:
             config["dtype"] = cfg.dtype
         config["quantization_config"] = _quantization_config(groups, ctx)
+        online, matrices = describe(ctx.model)
+        if online["inputs"] or online["attention"]:
+            config[QTOOL_SECTION] = {"version": 1, "online": online}
+            if matrices:
+                save_tensors(out / ONLINE_TENSORS, matrices, metadata={"format": "pt"})
         write_json(out / "config.json", config)
         if getattr(ctx.model, "generation_config", None) is not None:
             ctx.model.generation_config.save_pretrained(out)
@@ -78,7 +89,7 @@ class Pack(Stage):
                 del state[f"{full}.weight"]
                 if dtype is not None:
                     qw = dataclasses.replace(qw, scale=qw.scale.to(dtype))
-                for key, t in compress_linear(qw).items():
+                for key, t in compress_linear(qw, format_for(qw.args, ctx.recipe.scheme.input_activations)).items():
                     state[f"{full}.{key}"] = t
                     linear_bytes += t.numel() * t.element_size()
                 linear_params += qw.q.numel()
@@ -96,15 +107,22 @@ def _quantization_config(groups: list[tuple[Any, list[str]]], ctx: StageContext)
     config group per set, each listing its modules by full name.
     """
     actorder = ctx.recipe.quantize.method == "gptq" and ctx.recipe.quantize.act_order
+    scheme = ctx.recipe.scheme
+    extra = dict(
+        actorder=actorder,
+        input_activations=scheme.input_activations,
+        kv_cache=scheme.kv_cache,
+        head_dim=head_dim_of(ctx.model.config),
+    )
     quantized = {name for _, names in groups for name in names}
     linears = [n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in quantized]
     if len(groups) == 1:
         args = groups[0][0]
-        return quantization_config(args, ["Linear"], ignore, format_for(args), actorder=actorder)
+        return quantization_config(args, ["Linear"], ignore, format_for(args, scheme.input_activations), **extra)
     merged: dict[str, Any] = {}
     for i, (args, names) in enumerate(groups):
-        qc = quantization_config(args, names, ignore, format_for(args), actorder=actorder)
+        qc = quantization_config(args, names, ignore, format_for(args, scheme.input_activations), **extra)
         merged = merged or {**qc, "config_groups": {}}  # all groups share the bit width, hence the format
         merged["config_groups"][f"group_{i}"] = qc["config_groups"]["group_0"]
     return merged

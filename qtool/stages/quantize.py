@@ -21,8 +21,9 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.algorithms.quantizer import QuantizedWeight, rtn_quantize, scale_dtype_for
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.models.online import attention_state, input_hook
 from qtool.models.sequential import LayerInputs, capture_layer_inputs, run_layer
-from qtool.schemes import QuantArgs
+from qtool.schemes import QuantArgs, Scheme
 from qtool.stages.base import Stage, StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
 from qtool.targets import Target, plan_targets
@@ -55,6 +56,7 @@ class Quantize(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         layers = decoder_layers(ctx.model, ctx.spec)
         plan = plan_targets(layers, ctx.spec, ctx.recipe.scheme)
+        attach_quantizers(ctx.model, ctx.spec, plan, ctx.recipe.scheme)  # GPTQ sees quantized inputs
         ckpt_dir = ctx.out / LAYERS
         needs_data = ctx.config.method == "gptq"
         inputs = capture_layer_inputs(ctx.model, layers, calibration_inputs(ctx)) if needs_data else None
@@ -122,6 +124,18 @@ class Quantize(Stage):
         ckpt_dir = ctx.reader.path("quantize") / LAYERS
         for i, layer in enumerate(layers):
             _set_weights(layer, load_layer(ckpt_dir / f"{i:03d}.safetensors"))
+        attach_quantizers(ctx.model, ctx.spec, plan_targets(layers, ctx.spec, ctx.recipe.scheme), ctx.recipe.scheme)
+
+
+def attach_quantizers(model: nn.Module, spec: ArchSpec, plan: list[list[Target]], scheme: Scheme) -> None:
+    """Dynamic input quantization on every planned linear and KV-cache quantization in every attention module,
+    as the scheme asks (after any online rotation the transform stage attached)."""
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        if scheme.input_activations is not None:
+            for t in plan[i]:
+                input_hook(layer.get_submodule(t.name)).quant = scheme.input_activations
+        if scheme.kv_cache is not None:
+            attention_state(model, layer.get_submodule(spec.attention)).kv_quant = scheme.kv_cache
 
 
 def _weight(layer: nn.Module, name: str) -> torch.Tensor:

@@ -57,8 +57,29 @@ def recipe_file(tmp_path):
         ),
         (lambda r: r["quantize"].update(method="awq"), ["quantize", "'awq'", "gptq"]),
         (lambda r: r.update(model="/nope/model"), ["model", "/nope/model"]),
+        (
+            lambda r: r["scheme"].update(
+                kv_cache={"bits": 4, "granularity": "group", "group_size": 3, "dynamic": True}
+            ),
+            ["scheme.kv_cache.group_size", "head_dim=8"],
+        ),
+        (
+            lambda r: r["scheme"].update(input_activations={"bits": 8, "granularity": "channel"}),
+            ["scheme.input_activations", "dynamic: true"],
+        ),
+        (lambda r: r.update(transform={"method": "hadamard", "rotations": ["r5"]}), ["transform.rotations.0", "r5"]),
     ],
-    ids=["unknown-key", "wrong-type", "missing-file", "group-size", "unknown-method", "missing-model"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "missing-file",
+        "group-size",
+        "unknown-method",
+        "missing-model",
+        "kv-group",
+        "static-activations",
+        "unknown-rotation",
+    ],
 )
 def test_bad_input_exit_2_one_line_no_run_dir(recipe_file, tmp_path, mutate, needles):
     path = recipe_file(mutate)
@@ -120,3 +141,29 @@ def test_missing_lm_eval_task_data_fails_before_anything_runs(tmp_path):
     )
     assert_one_line_error(proc, "piqa", "nodata")
     assert not (tmp_path / "run").exists()
+
+
+def test_inspect_prints_the_worst_layers(tmp_path):
+    require(STORIES, TINYSTORIES)
+    proc = qtool(
+        "inspect",
+        "--model",
+        str(STORIES),
+        "--dataset",
+        str(TINYSTORIES),
+        "--n-samples",
+        "4",
+        "--seqlen",
+        "128",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "worst linear inputs by kurtosis" in proc.stdout and "down_proj" in proc.stdout
+    assert (tmp_path / "run" / "02-outliers" / "stats.json").is_file()
+    assert not (tmp_path / "run" / "04-quantize").exists()
+
+
+def test_inspect_needs_data():
+    require(STORIES)
+    assert_one_line_error(qtool("inspect", "--model", str(STORIES)), "--dataset", "--recipe")

@@ -1,0 +1,62 @@
+"""Dynamic (on-the-fly) fake quantization of activations and of the KV cache.
+
+Activations are quantized per token: the last dimension of ``x: [..., features]`` holds one token's features.
+
+- ``token``: one scale (and zero point) per token over all its features;
+- ``group``: one per token and ``group_size`` consecutive features;
+- ``head`` (KV cache, ``x: [batch, heads, seq, head_dim]``): one per token and head, i.e. over ``head_dim``;
+- ``tensor``: one for the whole tensor.
+
+The grid is the one of ``qtool.schemes.qrange`` (signed; asymmetric grids shift it by an integer zero point), the
+range comes from min/max times ``clip_ratio``. Symmetric scales are ``absmax / qmax`` (``+-absmax`` land exactly on
+``+-qmax``; what vLLM's dynamic per-token int8 kernels and QuaRot compute), unlike static weight grids, which
+follow compressed-tensors' ``absmax / ((qmax - qmin) / 2)``; quantize-dequantize is therefore idempotent.
+Arithmetic runs in float32 (float64 when ``x`` is float64) and the result has ``x``'s dtype. When ``x``
+requires grad, rounding uses the straight-through estimator (the gradient of quantize-dequantize is the identity
+inside the clipping range), which is what learned transforms train through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qtool.schemes import QuantArgs
+
+
+def fake_quantize_dynamic(x: Tensor, args: QuantArgs) -> Tensor:
+    """Quantize-dequantize ``x`` with ``args`` (``dynamic``), scales computed from ``x`` itself."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = x.shape
+    v = _grouped(x.to(work), args)
+    if args.symmetric:
+        absmax = v.abs().amax(dim=-1, keepdim=True) * args.clip_ratio
+        scale = (absmax / args.qmax).clamp_min(torch.finfo(work).tiny)
+        q = _round(v / scale).clamp(args.qmin, args.qmax)
+        out = q * scale
+    else:
+        lo = v.amin(dim=-1, keepdim=True).clamp(max=0.0) * args.clip_ratio
+        hi = v.amax(dim=-1, keepdim=True).clamp(min=0.0) * args.clip_ratio
+        scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(torch.finfo(work).tiny)
+        zp = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax).detach()
+        q = (_round(v / scale) + zp).clamp(args.qmin, args.qmax)
+        out = (q - zp) * scale
+    return out.reshape(shape).to(x.dtype)
+
+
+def _grouped(x: Tensor, args: QuantArgs) -> Tensor:
+    """``x`` viewed so that each row of the last dimension shares one scale."""
+    if args.granularity == "tensor":
+        return x.reshape(1, -1)
+    if args.granularity == "group":
+        assert args.group_size is not None
+        if x.shape[-1] % args.group_size:
+            raise ValueError(f"group_size {args.group_size} does not divide the feature size {x.shape[-1]}")
+        return x.unflatten(-1, (-1, args.group_size))
+    return x  # token / head: the last dimension
+
+
+def _round(v: Tensor) -> Tensor:
+    if v.requires_grad:
+        return v + (torch.round(v) - v).detach()
+    return torch.round(v)

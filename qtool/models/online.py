@@ -1,0 +1,178 @@
+"""What runs inside the model at inference time besides its own modules: online rotations and dynamic quantizers.
+
+Nothing here forks transformers' modeling code. Two insertion points are used:
+
+- a forward pre-hook on a linear (``InputHook``): ``x -> rotation(x) -> fake-quantize(x)`` before the linear reads
+  it (R4's online Hadamard before down_proj, per-token activation quantization at every targeted linear);
+- a registered attention function (``qtool``, through transformers' ``AttentionInterface``): queries and keys
+  after RoPE go through the R3 rotation, keys and values through the KV-cache quantizer, then SDPA. Settings live
+  on each attention module as ``qtool_attention`` (an ``AttentionState``), so layers may differ.
+
+``describe(model)`` lists what is attached (for the packed config); ``attach(model, description, matrices)`` puts
+it back on a freshly loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from qtool.algorithms.actquant import fake_quantize_dynamic
+from qtool.algorithms.hadamard import fast_hadamard
+from qtool.schemes import QuantArgs
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "qtool"
+
+
+@dataclass
+class OnlineRotation:
+    """``x -> x @ R`` over the last dimension: a fast Hadamard (``kind="hadamard"``, orthonormal) or a stored
+    orthogonal matrix (``kind="matrix"``, used where no Hadamard of the size exists)."""
+
+    kind: str
+    size: int
+    matrix: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"online rotation of size {self.size} applied to features of size {x.shape[-1]}")
+        if self.kind == "hadamard":
+            return fast_hadamard(x)
+        assert self.matrix is not None
+        return x @ self.matrix.to(device=x.device, dtype=x.dtype)
+
+    def dense(self) -> Tensor:
+        """The float64 matrix ``R`` of this rotation."""
+        if self.kind == "hadamard":
+            return fast_hadamard(torch.eye(self.size, dtype=torch.float64))
+        assert self.matrix is not None
+        return self.matrix.to(torch.float64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size}
+
+
+class InputHook:
+    """Forward pre-hook of one linear: optional rotation, then optional dynamic quantization of its input."""
+
+    def __init__(self) -> None:
+        self.rotation: OnlineRotation | None = None
+        self.quant: QuantArgs | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.rotation is None and self.quant is None:
+            return None
+        x = args[0]
+        if self.rotation is not None:
+            x = self.rotation(x)
+        if self.quant is not None:
+            x = fake_quantize_dynamic(x, self.quant)
+        return (x, *args[1:])
+
+
+@dataclass
+class AttentionState:
+    """Online pieces inside one attention module: ``qk_rotation`` (R3, over head_dim, after RoPE) and
+    ``kv_quant`` (applied to keys after R3 and to values)."""
+
+    qk_rotation: OnlineRotation | None = None
+    kv_quant: QuantArgs | None = None
+
+
+def input_hook(linear: nn.Module) -> InputHook:
+    """The ``InputHook`` of ``linear``, installed on first use (first in the pre-hook order)."""
+    hook = getattr(linear, "qtool_input", None)
+    if hook is None:
+        hook = InputHook()
+        handle = linear.register_forward_pre_hook(hook, prepend=True)
+        linear.qtool_input = hook
+        linear.qtool_input_handle = handle
+    return hook
+
+
+def attention_state(model: nn.Module, attn: nn.Module) -> AttentionState:
+    """The ``AttentionState`` of attention module ``attn``; switches ``model`` to the ``qtool`` attention function."""
+    state = getattr(attn, "qtool_attention", None)
+    if state is None:
+        state = AttentionState()
+        attn.qtool_attention = state
+        _use_qtool_attention(model)
+    return state
+
+
+def qtool_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """Attention function registered as ``qtool``: online R3 and KV-cache quantization, then SDPA.
+
+    ``query: [batch, heads, seq, head_dim]``, ``key``/``value``: ``[batch, kv_heads, seq, head_dim]``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state: AttentionState | None = getattr(module, "qtool_attention", None)
+    if state is not None:
+        if state.qk_rotation is not None:
+            query, key = state.qk_rotation(query), state.qk_rotation(key)
+        if state.kv_quant is not None:
+            key = fake_quantize_dynamic(key, state.kv_quant)
+            value = fake_quantize_dynamic(value, state.kv_quant)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _use_qtool_attention(model: nn.Module) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, qtool_attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if model.config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+
+
+def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Everything attached to ``model``: ``({"inputs": {module: {...}}, "attention": {module: {...}}}, matrices)``.
+
+    Stored rotation matrices are returned separately (``<module>.rotation`` keys) for a safetensors file."""
+    inputs, attention, matrices = {}, {}, {}
+    for name, module in model.named_modules():
+        hook: InputHook | None = getattr(module, "qtool_input", None)
+        if hook is not None and (hook.rotation or hook.quant):
+            inputs[name] = _entry(name, hook.rotation, hook.quant, matrices)
+        state: AttentionState | None = getattr(module, "qtool_attention", None)
+        if state is not None and (state.qk_rotation or state.kv_quant):
+            attention[name] = _entry(name, state.qk_rotation, state.kv_quant, matrices)
+    return {"inputs": inputs, "attention": attention}, matrices
+
+
+def _entry(name: str, rotation: OnlineRotation | None, quant: QuantArgs | None, matrices: dict) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "rotation": rotation.describe() if rotation else None,
+        "quant": quant.model_dump(mode="json") if quant else None,
+    }
+    if rotation is not None and rotation.kind == "matrix":
+        matrices[f"{name}.rotation"] = rotation.matrix.contiguous()
+    return entry
+
+
+def attach(model: nn.Module, description: dict[str, Any], matrices: dict[str, Tensor]) -> None:
+    """Re-create ``describe``'s hooks and attention states on ``model``."""
+    for name, entry in description.get("inputs", {}).items():
+        hook = input_hook(model.get_submodule(name))
+        hook.rotation = _rotation(name, entry["rotation"], matrices)
+        hook.quant = QuantArgs.model_validate(entry["quant"]) if entry["quant"] else None
+    for name, entry in description.get("attention", {}).items():
+        state = attention_state(model, model.get_submodule(name))
+        state.qk_rotation = _rotation(name, entry["rotation"], matrices)
+        state.kv_quant = QuantArgs.model_validate(entry["quant"]) if entry["quant"] else None
+
+
+def _rotation(name: str, entry: dict[str, Any] | None, matrices: dict[str, Tensor]) -> OnlineRotation | None:
+    if entry is None:
+        return None
+    matrix = matrices[f"{name}.rotation"] if entry["kind"] == "matrix" else None
+    return OnlineRotation(entry["kind"], int(entry["size"]), matrix)
