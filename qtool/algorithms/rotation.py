@@ -63,12 +63,13 @@ def make_rotation(n: int, generator: torch.Generator, random: bool = True) -> tu
 def rotate_model(model: nn.Module, spec: ArchSpec, rot: FusedRotations) -> None:
     """Fuse norm gains (when R1 is given) and the rotations ``rot`` into ``model``'s weights, in place."""
     if rot.r1 is not None:
-        _rotate_embeddings(model, spec, rot.r1)
+        rotate_embeddings(model, spec, rot.r1)
     for layer in decoder_layers(model, spec):
         _rotate_layer(model, layer, spec, rot)
 
 
-def _rotate_embeddings(model: nn.Module, spec: ArchSpec, r1: Tensor) -> None:
+def rotate_embeddings(model: nn.Module, spec: ArchSpec, r1: Tensor) -> None:
+    """R1 on the embeddings and lm_head, the final norm's gain fused into lm_head (untied only when needed)."""
     embed = model.get_submodule(spec.embed)
     head = model.get_submodule(spec.lm_head)
     norm = model.get_submodule(spec.final_norm)
