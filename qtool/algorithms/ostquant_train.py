@@ -1,0 +1,160 @@
+"""Training OSTQuant's transforms: a fake-quantized student against the full-precision teacher.
+
+The student is the model itself, run through ``torch.func.functional_call`` with every decoder layer's weights
+replaced by ``ostquant.layer_weights`` (differentiable in the transform parameters) and, for quantized linears,
+fake-quantized with a straight-through estimator; the residual rotation enters as a hook after the embeddings
+(``x R_res``) and before the final norm (``x R_resᵀ``), which is exactly what fusing it into the embedding and
+lm_head does, without multiplying the whole vocabulary matrix every step. Online R3/R4 and the dynamic activation
+and KV-cache quantizers are the hooks of ``qtool.models.online`` (their rounding is straight-through too). Base
+weights are frozen; only the transforms train: orthogonal matrices with ``CayleyAdam`` (they stay orthogonal),
+log-scales with Adam, both on a cosine schedule.
+
+Window ``it % n`` feeds iteration ``it``, so a run resumed from a checkpoint (transforms + optimizer states +
+iteration) continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from qtool.algorithms.actquant import fake_quantize_dynamic
+from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
+from qtool.algorithms.ostquant import OstTransforms, layer_parameters, layer_weights
+from qtool.algorithms.stiefel import CayleyAdam
+from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.schemes import QuantArgs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    iterations: int = 100
+    lr_rotation: float = 1e-3
+    lr_scale: float = 1e-2
+    loss: str = "kl_top"  # kl_top | mse | ce
+    top_k: int = 1000
+    learn_rotation: bool = True
+    learn_scaling: bool = True
+    checkpoint_every: int = 10
+
+
+def weight_fake_quant(w: Tensor, args: QuantArgs) -> Tensor:
+    """Straight-through RTN fake quantization of a weight ``[out, in]`` (per channel, group or tensor)."""
+    gran = {"channel": "token"}.get(args.granularity, args.granularity)
+    dyn = args.model_copy(update={"granularity": gran, "dynamic": True, "observer": "minmax"})
+    return fake_quantize_dynamic(w, dyn)
+
+
+class Student:
+    """Forward of the transformed, fake-quantized model. ``targets[i]``: ``{linear name: weight QuantArgs}`` of
+    decoder layer ``i``; ``r4``: the dense online rotation before down_proj (or None)."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, t: OstTransforms, targets, r4: Tensor | None):
+        self.model, self.spec, self.t, self.targets, self.r4 = model, spec, t, targets, r4
+        self.bases = [layer_parameters(layer, spec) for layer in decoder_layers(model, spec)]
+        embed, norm = model.get_submodule(spec.embed), model.get_submodule(spec.final_norm)
+        self._handles = [
+            embed.register_forward_hook(lambda _m, _a, out: out @ self.t.r_res.to(out.dtype)),
+            norm.register_forward_pre_hook(lambda _m, a: (a[0] @ self.t.r_res.to(a[0].dtype).T, *a[1:])),
+        ]
+
+    def parameters(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        params = {}
+        for i, base in enumerate(self.bases):
+            for key, value in layer_weights(base, self.t, i, self.spec, self.r4, dtype).items():
+                name = key.removesuffix(".weight")
+                if key.endswith(".weight") and name in self.targets[i]:
+                    value = weight_fake_quant(value, self.targets[i][name])
+                params[f"{self.spec.layers}.{i}.{key}"] = value
+        return params
+
+    def logits(self, ids: Tensor) -> Tensor:
+        dtype = next(iter(self.bases[0].values())).dtype
+        params = self.parameters(dtype)
+        return torch.func.functional_call(self.model, params, (ids,), {"use_cache": False}).logits
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _loss(settings: TrainSettings, teacher: Tensor, student: Tensor, ids: Tensor) -> Tensor:
+    if settings.loss == "kl_top":
+        return kl_top(teacher, student, settings.top_k)
+    if settings.loss == "mse":
+        return mse_loss(teacher, student)
+    return ce_loss(student, ids)
+
+
+def train(
+    student: Student,
+    teacher: Callable[[Tensor], Tensor],
+    windows: Tensor,
+    settings: TrainSettings,
+    checkpoint: Path | None = None,
+    progress: Callable[[int, int, float], None] = lambda i, n, loss: None,
+) -> list[float]:
+    """Optimize ``student.t`` on ``windows [n, seqlen]``; returns the loss of every iteration run. With
+    ``checkpoint``, state is saved every ``settings.checkpoint_every`` iterations and resumed from if present."""
+    t = student.t
+    for p in t.orthogonal():
+        p.requires_grad_(settings.learn_rotation)
+    for p in t.scales():
+        p.requires_grad_(settings.learn_scaling)
+    opt_r = CayleyAdam(t.orthogonal(), lr=settings.lr_rotation) if settings.learn_rotation else None
+    opt_s = torch.optim.Adam(t.scales(), lr=settings.lr_scale) if settings.learn_scaling else None
+    start, losses = _resume(checkpoint, t, opt_r, opt_s)
+    for it in range(start, settings.iterations):
+        ids = windows[it % len(windows)].unsqueeze(0)
+        with torch.no_grad():
+            target = teacher(ids)
+        loss = _loss(settings, target, student.logits(ids), ids)
+        loss.backward()
+        cosine = 0.5 * (1 + math.cos(math.pi * it / settings.iterations))
+        for opt, lr in ((opt_r, settings.lr_rotation), (opt_s, settings.lr_scale)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * cosine
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        progress(it + 1, settings.iterations, losses[-1])
+        if checkpoint is not None and ((it + 1) % settings.checkpoint_every == 0 or it + 1 == settings.iterations):
+            _save(checkpoint, t, opt_r, opt_s, it + 1, losses)
+    return losses
+
+
+def _save(path: Path, t: OstTransforms, opt_r, opt_s, iteration: int, losses: list[float]) -> None:
+    state = {
+        "transforms": t.state_dict(),
+        "opt_r": opt_r.state_dict() if opt_r else None,
+        "opt_s": opt_s.state_dict() if opt_s else None,
+        "iteration": iteration,
+        "losses": losses,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path | None, t: OstTransforms, opt_r, opt_s) -> tuple[int, list[float]]:
+    if path is None or not path.is_file():
+        return 0, []
+    state = torch.load(path, weights_only=True)
+    t.load_state_dict(state["transforms"])
+    if opt_r is not None and state["opt_r"] is not None:
+        opt_r.load_state_dict(state["opt_r"])
+    if opt_s is not None and state["opt_s"] is not None:
+        opt_s.load_state_dict(state["opt_s"])
+    log.info("ostquant: resumed at iteration %d from %s", state["iteration"], path)
+    return int(state["iteration"]), list(state["losses"])
