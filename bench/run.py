@@ -26,6 +26,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-hadamard-rtn": ("recipes/w4a4-quarot.yaml", ["quantize={method: rtn}"]),
     "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),
     "w8a8-smoothquant-gptq": ("recipes/w8a8-smoothquant.yaml", []),
+    "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
+    "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
 }
 
 
@@ -67,6 +69,9 @@ def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
         "transform_seconds": summary["transform"]["seconds"],
         "outliers_worst": outliers.get("worst", [])[:5],
         "before_after": transform.get("before_after", [])[:5],
+        "ostquant": {k: transform[k] for k in ("loss_first", "loss_last", "train_seconds", "orthogonality_error")}
+        if transform.get("method") == "ostquant"
+        else None,
         "quantize_seconds": q["seconds"],
         "calibrate_seconds": summary["calibrate"]["seconds"],
         "pipeline_wall_seconds": round(time.time() - start, 1),

@@ -80,7 +80,7 @@ def fingerprints(recipe: Recipe, identity: str) -> dict[str, str]:
             "qtool": __version__,
             "model": identity,
             "dtype": recipe.model.dtype,
-            "sections": {s: dumped[s] for s in stage.sections},
+            "sections": {s: dumped[s] for s in stage.sections_for(recipe)},
             "upstream": upstream,
         }
         upstream = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -174,7 +174,7 @@ def format_error(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-_UNION_TAGS = ("rtn", "gptq", "none", "hadamard", "smoothquant", "function-after[_check(), QuantArgs]")
+_UNION_TAGS = ("rtn", "gptq", "none", "hadamard", "smoothquant", "ostquant", "function-after[_check(), QuantArgs]")
 
 
 def _is_union_tag(x: Any) -> bool:

@@ -185,6 +185,11 @@ def _describe(stage: str, summary: dict[str, Any]) -> str:
         )
     if stage == "quantize" and "linears" in summary:
         return f"{summary['method']}: {summary['linears']} linears"
+    if stage == "transform" and summary.get("method") == "ostquant":
+        return (
+            f"ostquant: {summary['loss']} {summary['loss_first']:.4f} → {summary['loss_last']:.4f} "
+            f"in {summary['train_seconds']:.0f}s, ‖RᵀR−I‖max {summary['orthogonality_error']:.1e}"
+        )
     if stage == "calibrate" and "tokens" in summary:
         return f"{summary['tokens']} tokens"
     return summary.get("method", "")

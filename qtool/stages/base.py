@@ -62,11 +62,15 @@ class Stage:
       goes into the manifest. It also leaves ``ctx.model`` in the state ``apply`` would produce.
     - ``apply(ctx, manifest)`` replays the stage's effect onto a freshly loaded model from its committed artifacts
       (cheap); this is what makes resume cheap.
-    - ``sections`` are the recipe sections that enter the stage's fingerprint.
+    - ``sections`` are the recipe sections that enter the stage's fingerprint (``sections_for`` may add more for
+      some methods).
     """
 
     name: ClassVar[str]
     sections: ClassVar[tuple[str, ...]]
+
+    def sections_for(self, recipe: Recipe) -> tuple[str, ...]:
+        return self.sections
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         raise NotImplementedError

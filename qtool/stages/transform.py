@@ -6,6 +6,7 @@
   matrix takes its place, and the summary says so.
 - ``smoothquant``: per-channel scales from calibration activations migrated into the preceding norm or linear
   (``qtool.algorithms.smoothing``).
+- ``ostquant``: learned orthogonal + scaling transforms (``qtool.stages.transform_ostquant``).
 
 Artifacts: ``rotations.safetensors`` (every matrix applied, float64, plus their kinds) or ``scales.safetensors``;
 ``apply`` replays them exactly on resume. When the outliers stage computed statistics, they are computed again on
@@ -31,6 +32,7 @@ from qtool.models.sequential import capture_layer_inputs, run_layer
 from qtool.stages.base import Stage, StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
 from qtool.stages.outliers import METRICS, collect_stats, input_kinds, read_report, write_report
+from qtool.stages.transform_ostquant import TRANSFORMS, OstQuantConfig, apply_ostquant, run_ostquant
 
 ROTATIONS = "rotations.safetensors"
 SCALES = "scales.safetensors"
@@ -62,12 +64,18 @@ class SmoothQuantConfig(StageConfig):
     max_samples: int = Field(64, gt=0, description="calibration windows whose activation ranges set the scales")
 
 
-TransformConfig = Annotated[NoTransform | HadamardConfig | SmoothQuantConfig, Field(discriminator="method")]
+TransformConfig = Annotated[
+    NoTransform | HadamardConfig | SmoothQuantConfig | OstQuantConfig, Field(discriminator="method")
+]
 
 
 class Transform(Stage):
     name = "transform"
     sections = ("transform",)
+
+    def sections_for(self, recipe) -> tuple[str, ...]:
+        """OSTQuant trains against the scheme's quantizers: a scheme change must retrain."""
+        return ("transform", "scheme") if recipe.transform.method == "ostquant" else self.sections
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = ctx.config
@@ -84,6 +92,9 @@ class Transform(Stage):
                 ctx.log.warning("transform: %s (size %d) is a random orthogonal matrix", k, kinds[k]["size"])
             if fallback:
                 summary["note"] = f"no Hadamard of the size of {', '.join(fallback)}: random orthogonal used"
+        elif cfg.method == "ostquant":
+            online = _online_config(cfg.seed, cfg.online_rotations)
+            summary = run_ostquant(ctx, cfg, lambda m: build_rotations(m, online))
         else:
             scales = smoothquant_scales(ctx, cfg)  # smooths ctx.model layer by layer as it goes
             save_tensors(ctx.out / SCALES, scales)
@@ -103,6 +114,8 @@ class Transform(Stage):
             apply_rotations(ctx.model, ctx.spec, load_tensors(path), kinds)
         elif cfg.method == "smoothquant":
             apply_scales(ctx.model, ctx.spec, ctx.reader.tensors("transform", SCALES))
+        elif cfg.method == "ostquant":
+            apply_ostquant(ctx, ctx.reader.path("transform") / TRANSFORMS)
 
     def _after_stats(self, ctx: StageContext) -> list[dict[str, Any]]:
         """Outlier stats of the transformed model next to the outliers stage's, worst layers first."""
@@ -125,6 +138,11 @@ class Transform(Stage):
                 f"{kind} input channel absmax",
             )
         return compare_rows(before.layers, after.layers, list(input_kinds(ctx.spec)), ocfg.top)
+
+
+def _online_config(seed: int, rotations: tuple[str, ...]) -> HadamardConfig:
+    """The fixed online rotations (R3, R4) that OSTQuant keeps from the ``hadamard`` method."""
+    return HadamardConfig(method="hadamard", rotations=rotations, seed=seed)
 
 
 def compare_rows(before: list[dict], after: list[dict], kinds: list[str], top: int) -> list[dict[str, Any]]:

@@ -81,3 +81,19 @@ def test_schema_rejects_unknown_keys_everywhere():
     schema = Recipe.model_json_schema()
     assert schema["additionalProperties"] is False
     assert all(d.get("additionalProperties") is False for d in schema["$defs"].values() if d.get("type") == "object")
+
+
+@pytest.mark.parametrize(("method", "retrains"), [("hadamard", False), ("ostquant", True)])
+def test_scheme_change_reruns_the_transform_only_when_it_trains_against_it(method, retrains):
+    from qtool.pipeline import fingerprints
+
+    a = validate_recipe({**BASE, "transform": {"method": method}})
+    b = validate_recipe({**BASE, "transform": {"method": method}, "scheme": "W4A4KV4"})
+    fa, fb = fingerprints(a, "model"), fingerprints(b, "model")
+    assert (fa["transform"] != fb["transform"]) == retrains
+    assert fa["quantize"] != fb["quantize"]
+
+
+def test_evaluate_section_is_optional():
+    raw = {k: v for k, v in BASE.items() if k != "evaluate"}
+    assert validate_recipe(raw).evaluate is None

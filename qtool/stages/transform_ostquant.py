@@ -1,0 +1,174 @@
+"""The transform stage's ``ostquant`` method: learn OSTQuant's orthogonal + scaling transforms, then fuse them.
+
+Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R1/R2), scales from 1; online R3/R4
+are the fixed Hadamards of the ``hadamard`` method. The student quantizes as the recipe's scheme does (weights RTN
+with a straight-through estimator, activations and KV cache dynamically), the teacher is the unquantized model, and
+only the transforms train (``qtool.algorithms.ostquant_train``). Training state is checkpointed every
+``checkpoint_every`` iterations inside the stage's uncommitted directory, so a killed run resumes mid-training.
+Afterwards the transforms are fused into the weights in float64 (``qtool.algorithms.ostquant.fuse``) and the
+quantize stage runs GPTQ or RTN on them.
+
+Artifacts: ``ostquant.safetensors`` (every learned tensor, float32, plus the online rotations' kinds and the loss
+curve as metadata) and ``rotations.safetensors`` for stored online matrices; ``apply`` fuses them again on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from qtool.algorithms.ostquant import OstShapes, OstTransforms, fuse
+from qtool.algorithms.ostquant_train import Student, TrainSettings, train
+from qtool.algorithms.rotation import make_rotation
+from qtool.algorithms.stiefel import orthogonality_error
+from qtool.artifacts import load_tensors, save_tensors
+from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.models.online import OnlineRotation, attention_state, input_hook
+from qtool.stages.base import StageConfig, StageContext
+from qtool.stages.calibrate import calibration_inputs
+from qtool.stages.quantize import attach_quantizers
+from qtool.targets import plan_targets
+
+TRANSFORMS = "ostquant.safetensors"
+CHECKPOINT = "training-checkpoint.pt"
+
+
+class OstQuantConfig(StageConfig):
+    """OSTQuant (arXiv 2501.13987): learned orthogonal + scaling transforms, KL-Top loss. Budget knobs:
+    ``n_samples`` × ``seqlen`` training tokens, ``iterations`` (one window per iteration)."""
+
+    method: Literal["ostquant"]
+    n_samples: int = Field(32, gt=0, description="calibration windows used for training (the first N)")
+    seqlen: int = Field(256, gt=1, description="tokens per training window (a prefix of each calibration window)")
+    iterations: int = Field(100, gt=0)
+    loss: Literal["kl_top", "mse", "ce"] = "kl_top"
+    top_k: int = Field(1000, gt=0, description="KL-Top: teacher's top-k tokens (clipped to the vocabulary)")
+    lr_rotation: float = Field(2e-3, gt=0, description="Cayley Adam learning rate of R_res and R_ov (cosine decay)")
+    lr_scale: float = Field(1e-2, gt=0, description="Adam learning rate of the log-scales (cosine decay)")
+    learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
+    learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
+    checkpoint_every: int = Field(10, gt=0, description="iterations between training checkpoints")
+    online_rotations: tuple[Literal["r3", "r4"], ...] = Field(
+        ("r3", "r4"),
+        description="fixed online Hadamards; [] keeps the checkpoint free of online ops (W4A16 for vLLM)",
+    )
+    seed: int = 0
+
+
+def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[str, Any]:
+    """Train, store and fuse; returns the summary. ``build_online(model) -> (tensors, kinds)`` gives R3/R4."""
+    model, spec = ctx.model, ctx.spec
+    online_tensors, kinds = build_online(model)
+    r3, r4 = _online(kinds, online_tensors)
+    t = _init(model, cfg)
+    _attach_online(model, spec, r3, r4)
+    plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
+    attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
+    targets = [{tg.name: tg.args for tg in row} for row in plan]
+    student = Student(model, spec, t, targets, r4.dense().float() if r4 else None)
+    teacher = ctx.reference_model()
+    windows = calibration_inputs(ctx)[: cfg.n_samples, : cfg.seqlen]
+    settings = TrainSettings(
+        iterations=cfg.iterations,
+        lr_rotation=cfg.lr_rotation,
+        lr_scale=cfg.lr_scale,
+        loss=cfg.loss,
+        top_k=cfg.top_k,
+        learn_rotation=cfg.learn_rotation,
+        learn_scaling=cfg.learn_scaling,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    start = time.time()
+    try:
+        losses = train(
+            student,
+            lambda ids: teacher(ids, use_cache=False).logits,
+            windows,
+            settings,
+            ctx.out / CHECKPOINT,
+            lambda i, n, loss: ctx.progress(f"ostquant {cfg.loss} {loss:.4f}", i, n),
+        )
+    finally:
+        student.close()
+    seconds = time.time() - start
+    _detach_quantizers(model, spec)
+    tensors = {k: v.detach().float().contiguous() for k, v in t.state_dict().items()}
+    save_tensors(
+        ctx.out / TRANSFORMS,
+        {**tensors, **{f"online.{k}": v for k, v in online_tensors.items()}},
+        metadata={"kinds": json.dumps(kinds), "losses": json.dumps(losses)},
+    )
+    (ctx.out / CHECKPOINT).unlink(missing_ok=True)
+    fuse(model, spec, t, r4.dense() if r4 else None)
+    ortho = max(
+        orthogonality_error(t.r_res.detach().double()), max(orthogonality_error(r) for r in t.r_ov.detach().double())
+    )
+    ctx.log.info("ostquant: %d iterations in %.1fs, loss %.4f -> %.4f", len(losses), seconds, losses[0], losses[-1])
+    return {
+        "method": "ostquant",
+        "rotations": kinds,
+        "loss": cfg.loss,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_curve": losses[:: max(1, len(losses) // 50)],
+        "train_seconds": round(seconds, 1),
+        "orthogonality_error": ortho,
+    }
+
+
+def apply_ostquant(ctx: StageContext, path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        kinds = json.loads(f.metadata()["kinds"])
+    tensors = load_tensors(path)
+    online = {k.removeprefix("online."): v for k, v in tensors.items() if k.startswith("online.")}
+    r3, r4 = _online(kinds, online)
+    t = OstTransforms(OstShapes.of(ctx.model.config), tensors["r_res"])
+    t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")})
+    _attach_online(ctx.model, ctx.spec, r3, r4)
+    fuse(ctx.model, ctx.spec, t, r4.dense() if r4 else None)
+
+
+def _init(model: torch.nn.Module, cfg: OstQuantConfig) -> OstTransforms:
+    sh = OstShapes.of(model.config)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    r_res, _ = make_rotation(sh.hidden, gen)
+    r_ov = torch.stack([make_rotation(sh.head_dim, gen)[0] for _ in range(sh.layers)])
+    return OstTransforms(sh, r_res, r_ov)
+
+
+def _online(kinds: dict, tensors: dict) -> tuple[OnlineRotation | None, OnlineRotation | None]:
+    out = []
+    for name in ("r3", "r4"):
+        k = kinds.get(name)
+        out.append(
+            None
+            if k is None
+            else OnlineRotation("hadamard" if k["kind"] == "hadamard" else "matrix", k["size"], tensors.get(name))
+        )
+    return out[0], out[1]
+
+
+def _attach_online(model, spec: ArchSpec, r3: OnlineRotation | None, r4: OnlineRotation | None) -> None:
+    for layer in decoder_layers(model, spec):
+        if r3 is not None:
+            attention_state(model, layer.get_submodule(spec.attention)).qk_rotation = r3
+        if r4 is not None:
+            input_hook(layer.get_submodule(spec.down_proj)).rotation = r4
+
+
+def _detach_quantizers(model, spec: ArchSpec) -> None:
+    """Training is over: the quantize stage attaches the scheme's quantizers itself (after the outlier stats)."""
+    for layer in decoder_layers(model, spec):
+        state = getattr(layer.get_submodule(spec.attention), "qtool_attention", None)
+        if state is not None:
+            state.kv_quant = None
+        for name in spec.layer_linears:
+            hook = getattr(layer.get_submodule(name), "qtool_input", None)
+            if hook is not None:
+                hook.quant = None
