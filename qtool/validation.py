@@ -26,6 +26,7 @@ def validate_fit(recipe: Recipe) -> str:
 
         for task in recipe.evaluate.tasks:  # a missing task file must not surface after quantization
             task_files(task, task_data_dir(recipe.evaluate))
+    _check_training_budget(recipe)
     src = resolve_source(recipe.model.source, recipe.model.tokenizer)
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)
@@ -46,6 +47,20 @@ def validate_fit(recipe: Recipe) -> str:
         f"{recipe.scheme.name} {recipe.quantize.method} on {n} linears in {len(plan)} layers{extra} "
         f"({spec.family} family, model {recipe.model.source})"
     )
+
+
+def _check_training_budget(recipe: Recipe) -> None:
+    """OSTQuant trains on prefixes of the calibration windows: it cannot use more than calibration provides."""
+    t, cal = recipe.transform, recipe.calibration
+    if t.method != "ostquant":
+        return
+    if t.n_samples > cal.n_samples:
+        raise QtoolError(
+            f"transform.n_samples: {t.n_samples} exceeds calibration.n_samples={cal.n_samples}; "
+            f"use ≤ {cal.n_samples} or raise calibration.n_samples"
+        )
+    if t.seqlen > cal.seqlen:
+        raise QtoolError(f"transform.seqlen: {t.seqlen} exceeds calibration.seqlen={cal.seqlen}; use ≤ {cal.seqlen}")
 
 
 def _check_dynamic_groups(recipe: Recipe, plan, config) -> None:

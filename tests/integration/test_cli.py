@@ -68,6 +68,7 @@ def recipe_file(tmp_path):
             ["scheme.input_activations", "dynamic: true"],
         ),
         (lambda r: r.update(transform={"method": "hadamard", "rotations": ["r5"]}), ["transform.rotations.0", "r5"]),
+        (lambda r: r.update(transform={"method": "ostquant", "n_samples": 999}), ["transform.n_samples", "64"]),
     ],
     ids=[
         "unknown-key",
@@ -79,6 +80,7 @@ def recipe_file(tmp_path):
         "kv-group",
         "static-activations",
         "unknown-rotation",
+        "ostquant-budget",
     ],
 )
 def test_bad_input_exit_2_one_line_no_run_dir(recipe_file, tmp_path, mutate, needles):
