@@ -138,12 +138,11 @@ def layer_parameters(layer: nn.Module, spec: ArchSpec) -> dict[str, Tensor]:
 def fuse(model: nn.Module, spec: ArchSpec, t: OstTransforms, r4: Tensor | None) -> None:
     """Write the transforms into ``model``'s weights (float64 arithmetic, cast back once per tensor), embeddings and
     lm_head included (``R_res`` as R1). Online R3/R4 must be attached by the caller."""
-    from qtool.algorithms.rotation import rotate_embeddings
+    from qtool.algorithms.rotation import rotate_embeddings, write_param
     from qtool.models.arch import decoder_layers
 
     for i, layer in enumerate(decoder_layers(model, spec)):
         new = layer_weights(layer_parameters(layer, spec), t, i, spec, r4, torch.float64)
         for key, value in new.items():
-            param = layer.get_parameter(key)
-            param.data.copy_(value.to(param.dtype))
+            write_param(layer.get_parameter(key), value)
     rotate_embeddings(model, spec, t.r_res.detach().to(torch.float64))

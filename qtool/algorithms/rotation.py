@@ -80,9 +80,9 @@ def rotate_embeddings(model: nn.Module, spec: ArchSpec, r1: Tensor) -> None:
         _set_tied(model, False)
         log.info("lm_head untied from the embeddings (the final norm's gain is fused into lm_head only)")
         tied = False
-    _write(embed.weight, embed.weight.double() @ r1)
+    write_param(embed.weight, embed.weight.double() @ r1)
     if not tied:
-        _write(head.weight, (head.weight.double() * gain) @ r1)
+        write_param(head.weight, (head.weight.double() * gain) @ r1)
     norm.weight.fill_(1.0)
 
 
@@ -109,12 +109,12 @@ def _rotate_layer(model: nn.Module, layer: nn.Module, spec: ArchSpec, rot: Fused
     if rot.r4 is not None:
         w[spec.down_proj] = w[spec.down_proj] @ rot.r4
     for name, value in w.items():
-        _write(get(name).weight, value)
+        write_param(get(name).weight, value)
     for name, value in b.items():
-        _write(get(name).bias, value)
+        write_param(get(name).bias, value)
 
 
-def _write(param: Tensor, value: Tensor) -> None:
+def write_param(param: Tensor, value: Tensor) -> None:
     """Cast the float64 result back to the parameter's dtype, once."""
     param.data.copy_(value.to(param.dtype))
 

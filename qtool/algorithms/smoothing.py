@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qtool.algorithms.rotation import write_param
 from qtool.models.arch import ArchSpec
 
 # The pairs smoothed in each decoder layer: name -> (producer, readers). Producer kind from the module type.
@@ -47,15 +48,11 @@ def apply_smoothing(layer: nn.Module, producer: str, readers: tuple[str, ...], s
     """Divide ``producer``'s output channels by ``s`` and multiply the readers' input columns by ``s``."""
     prod = layer.get_submodule(producer)
     if isinstance(prod, nn.Linear):
-        _write(prod.weight, prod.weight.double() / s.unsqueeze(1))
+        write_param(prod.weight, prod.weight.double() / s.unsqueeze(1))
         if prod.bias is not None:
-            _write(prod.bias, prod.bias.double() / s)
+            write_param(prod.bias, prod.bias.double() / s)
     else:  # a norm with a gain vector
-        _write(prod.weight, prod.weight.double() / s)
+        write_param(prod.weight, prod.weight.double() / s)
     for name in readers:
         lin = layer.get_submodule(name)
-        _write(lin.weight, lin.weight.double() * s)
-
-
-def _write(param: Tensor, value: Tensor) -> None:
-    param.data.copy_(value.to(param.dtype))
+        write_param(lin.weight, lin.weight.double() * s)

@@ -134,6 +134,26 @@ def _use_qtool_attention(model: nn.Module) -> None:
         model.set_attn_implementation(ATTENTION)
 
 
+def online_rotations(kinds: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, OnlineRotation]:
+    """``{"r3"/"r4": OnlineRotation}`` from the transform stage's ``{name: {"kind", "size"}}`` and stored matrices."""
+    return {
+        name: OnlineRotation(
+            "hadamard" if kinds[name]["kind"] == "hadamard" else "matrix", kinds[name]["size"], tensors.get(name)
+        )
+        for name in ("r3", "r4")
+        if name in kinds
+    }
+
+
+def attach_rotations(model: nn.Module, spec, online: dict[str, OnlineRotation]) -> None:
+    """R3 on queries/keys in every attention module, R4 before every down_proj (``spec``: the ``ArchSpec``)."""
+    for layer in model.get_submodule(spec.layers):
+        if "r3" in online:
+            attention_state(model, layer.get_submodule(spec.attention)).qk_rotation = online["r3"]
+        if "r4" in online:
+            input_hook(layer.get_submodule(spec.down_proj)).rotation = online["r4"]
+
+
 def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Everything attached to ``model``: ``({"inputs": {module: {...}}, "attention": {module: {...}}}, matrices)``.
 

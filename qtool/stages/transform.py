@@ -27,7 +27,7 @@ from qtool.algorithms.rotation import FusedRotations, make_rotation, rotate_mode
 from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, mapping_modules, smoothing_scales
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.models.arch import ArchSpec, decoder_layers, head_dim_of
-from qtool.models.online import OnlineRotation, attention_state, input_hook
+from qtool.models.online import attach_rotations, online_rotations
 from qtool.models.sequential import capture_layer_inputs, run_layer
 from qtool.stages.base import Stage, StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
@@ -176,20 +176,10 @@ def build_rotations(model: torch.nn.Module, cfg: HadamardConfig) -> tuple[dict[s
 
 def apply_rotations(model: torch.nn.Module, spec: ArchSpec, tensors: dict[str, torch.Tensor], kinds: dict) -> None:
     """Fuse R1/R2 (and R4's weight side) into ``model`` and attach the online R3/R4."""
-    online = {
-        name: OnlineRotation(
-            "hadamard" if kinds[name]["kind"] == "hadamard" else "matrix", kinds[name]["size"], tensors.get(name)
-        )
-        for name in ("r3", "r4")
-        if name in kinds
-    }
+    online = online_rotations(kinds, tensors)
     r4 = online["r4"].dense() if "r4" in online else None
     rotate_model(model, spec, FusedRotations(tensors.get("r1"), tensors.get("r2"), r4))
-    for layer in decoder_layers(model, spec):
-        if "r4" in online:
-            input_hook(layer.get_submodule(spec.down_proj)).rotation = online["r4"]
-        if "r3" in online:
-            attention_state(model, layer.get_submodule(spec.attention)).qk_rotation = online["r3"]
+    attach_rotations(model, spec, online)
 
 
 @torch.no_grad()

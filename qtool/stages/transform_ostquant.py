@@ -27,7 +27,7 @@ from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.models.arch import ArchSpec, decoder_layers
-from qtool.models.online import OnlineRotation, attention_state, input_hook
+from qtool.models.online import attach_rotations, online_rotations
 from qtool.stages.base import StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
 from qtool.stages.quantize import attach_quantizers
@@ -63,9 +63,10 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     """Train, store and fuse; returns the summary. ``build_online(model) -> (tensors, kinds)`` gives R3/R4."""
     model, spec = ctx.model, ctx.spec
     online_tensors, kinds = build_online(model)
-    r3, r4 = _online(kinds, online_tensors)
+    online = online_rotations(kinds, online_tensors)
+    r4 = online.get("r4")
     t = _init(model, cfg)
-    _attach_online(model, spec, r3, r4)
+    attach_rotations(model, spec, online)
     plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
     attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
     targets = [{tg.name: tg.args for tg in row} for row in plan]
@@ -127,10 +128,11 @@ def apply_ostquant(ctx: StageContext, path) -> None:
         kinds = json.loads(f.metadata()["kinds"])
     tensors = load_tensors(path)
     online = {k.removeprefix("online."): v for k, v in tensors.items() if k.startswith("online.")}
-    r3, r4 = _online(kinds, online)
+    rotations = online_rotations(kinds, online)
+    r4 = rotations.get("r4")
     t = OstTransforms(OstShapes.of(ctx.model.config), tensors["r_res"])
     t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")})
-    _attach_online(ctx.model, ctx.spec, r3, r4)
+    attach_rotations(ctx.model, ctx.spec, rotations)
     fuse(ctx.model, ctx.spec, t, r4.dense() if r4 else None)
 
 
@@ -140,26 +142,6 @@ def _init(model: torch.nn.Module, cfg: OstQuantConfig) -> OstTransforms:
     r_res, _ = make_rotation(sh.hidden, gen)
     r_ov = torch.stack([make_rotation(sh.head_dim, gen)[0] for _ in range(sh.layers)])
     return OstTransforms(sh, r_res, r_ov)
-
-
-def _online(kinds: dict, tensors: dict) -> tuple[OnlineRotation | None, OnlineRotation | None]:
-    out = []
-    for name in ("r3", "r4"):
-        k = kinds.get(name)
-        out.append(
-            None
-            if k is None
-            else OnlineRotation("hadamard" if k["kind"] == "hadamard" else "matrix", k["size"], tensors.get(name))
-        )
-    return out[0], out[1]
-
-
-def _attach_online(model, spec: ArchSpec, r3: OnlineRotation | None, r4: OnlineRotation | None) -> None:
-    for layer in decoder_layers(model, spec):
-        if r3 is not None:
-            attention_state(model, layer.get_submodule(spec.attention)).qk_rotation = r3
-        if r4 is not None:
-            input_hook(layer.get_submodule(spec.down_proj)).rotation = r4
 
 
 def _detach_quantizers(model, spec: ArchSpec) -> None:
