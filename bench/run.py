@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a16-rtn": ("recipes/w4a16-rtn.yaml", []),
     "w4a16-gptq": ("recipes/w4a16-gptq.yaml", []),
+    # QuaRot-style W4A16: R1/R2 Hadamards fused into the weights (no online op, as w4a16-ostquant), then GPTQ
+    "w4a16-hadamard-gptq": (
+        "recipes/w4a16-gptq.yaml",
+        ["transform={method: hadamard, rotations: [r1, r2], random: true, seed: 0}"],
+    ),
     "w4a4kv4-rtn": ("recipes/w4a4-rtn.yaml", []),
     "w4a4kv4-hadamard-rtn": ("recipes/w4a4-quarot.yaml", ["quantize={method: rtn}"]),
     "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),

@@ -61,6 +61,11 @@ def _check_training_budget(recipe: Recipe) -> None:
         )
     if t.seqlen > cal.seqlen:
         raise QtoolError(f"transform.seqlen: {t.seqlen} exceeds calibration.seqlen={cal.seqlen}; use ≤ {cal.seqlen}")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QtoolError("transform.device: cuda, but torch sees no CUDA device; use auto or cpu")
 
 
 def _check_dynamic_groups(recipe: Recipe, plan, config) -> None:

@@ -28,7 +28,7 @@ def fake_quantize_dynamic(x: Tensor, args: QuantArgs) -> Tensor:
     """Quantize-dequantize ``x`` with ``args`` (``dynamic``), scales computed from ``x`` itself."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = x.shape
-    v = _grouped(x.to(work), args)
+    v = grouped(x.to(work), args)
     if args.symmetric:
         absmax = v.abs().amax(dim=-1, keepdim=True) * args.clip_ratio
         scale = (absmax / args.qmax).clamp_min(torch.finfo(work).tiny)
@@ -44,7 +44,7 @@ def fake_quantize_dynamic(x: Tensor, args: QuantArgs) -> Tensor:
     return out.reshape(shape).to(x.dtype)
 
 
-def _grouped(x: Tensor, args: QuantArgs) -> Tensor:
+def grouped(x: Tensor, args: QuantArgs) -> Tensor:
     """``x`` viewed so that each row of the last dimension shares one scale."""
     if args.granularity == "tensor":
         return x.reshape(1, -1)

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from qtool.algorithms.actquant import fake_quantize_dynamic
+from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 from qtool.algorithms.ostquant import OstTransforms, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
@@ -49,41 +50,128 @@ class TrainSettings:
 
 
 def weight_fake_quant(w: Tensor, args: QuantArgs) -> Tensor:
-    """Straight-through RTN fake quantization of a weight ``[out, in]`` (per channel, group or tensor)."""
+    """Straight-through RTN fake quantization of a weight ``[out, in]`` (per channel, group or tensor).
+
+    The gradient is that of ``fake_quantize_dynamic`` with rounding straight-through: identity inside the grid,
+    plus the path through the scale (``absmax``). Symmetric grids use one fused autograd function with that exact
+    gradient (a third of the temporaries); asymmetric grids go through ``fake_quantize_dynamic``."""
     gran = {"channel": "token"}.get(args.granularity, args.granularity)
     dyn = args.model_copy(update={"granularity": gran, "dynamic": True, "observer": "minmax"})
-    return fake_quantize_dynamic(w, dyn)
+    if not (dyn.symmetric and w.requires_grad and w.dtype in (torch.float32, torch.float64)):
+        return fake_quantize_dynamic(w, dyn)
+    v = grouped(w, dyn)
+    return _SymmetricSTE.apply(v, float(dyn.qmin), float(dyn.qmax), float(dyn.clip_ratio)).reshape(w.shape)
+
+
+class _SymmetricSTE(torch.autograd.Function):
+    """``clamp(round(v / s)) * s`` with ``s = max(absmax(v) * clip / qmax, tiny)`` per row of ``v``; rounding is
+    straight-through, clamping and the scale are differentiated exactly (as autograd would through the unfused
+    expression)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, qmin: float, qmax: float, clip: float) -> Tensor:
+        absmax = v.abs().amax(dim=-1, keepdim=True)
+        raw = absmax * clip / qmax  # the same rounding as fake_quantize_dynamic
+        scale = raw.clamp_min(torch.finfo(v.dtype).tiny)
+        ctx.save_for_backward(v, scale, absmax, raw)
+        ctx.grid = (qmin, qmax, clip)
+        return (v / scale).round_().clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        v, scale, absmax, raw = ctx.saved_tensors
+        qmin, qmax, clip = ctx.grid
+        u = v / scale
+        r = torch.round(u)
+        inside = (r >= qmin) & (r <= qmax)
+        q = r.clamp_(qmin, qmax)
+        # d out / d scale = q - u inside the grid (the u = v / s path), q outside (clamped)
+        grad_s = (g * torch.where(inside, q - u, q)).sum(dim=-1, keepdim=True)
+        grad_s = grad_s * (raw >= torch.finfo(v.dtype).tiny)
+        peak = v.abs() == absmax
+        share = grad_s * (clip / qmax) / peak.sum(dim=-1, keepdim=True)
+        grad_v = torch.where(inside, g, 0.0) + torch.where(peak, v.sign() * share, 0.0)
+        return grad_v, None, None, None
+
+
+class _StudentLayer(nn.Module):
+    """Stands in for decoder layer ``i`` while training: builds the layer's transformed, fake-quantized weights
+    and runs the original layer with them (``torch.func.functional_call``), under activation checkpointing when
+    asked (the weights are rebuilt inside the checkpoint, so the recomputation sees the same transforms)."""
+
+    def __init__(self, student: Student, i: int, layer: nn.Module):
+        super().__init__()
+        self._student, self._i, self._layer = student, i, (layer,)  # tuple: not a registered submodule
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._layer[0], name)  # e.g. attention_type, read by the model's forward
+
+    def forward(self, *args, **kwargs):
+        if self._student.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
+        params = self._student.layer_parameters(self._i)
+        return torch.func.functional_call(self._layer[0], params, args, kwargs)
 
 
 class Student:
     """Forward of the transformed, fake-quantized model. ``targets[i]``: ``{linear name: weight QuantArgs}`` of
-    decoder layer ``i``; ``r4``: the dense online rotation before down_proj (or None)."""
+    decoder layer ``i``; ``r4``: the dense online rotation before down_proj (or None). ``checkpointing``: recompute
+    each decoder layer in the backward pass instead of keeping its activations (memory for time);
+    ``dtype``: compute dtype of the forward (``torch.bfloat16`` runs it under autocast, weights and transforms
+    stay float32). The model's decoder layers are swapped for stand-ins until ``close()``."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, t: OstTransforms, targets, r4: Tensor | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ArchSpec,
+        t: OstTransforms,
+        targets,
+        r4: Tensor | None,
+        checkpointing: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.model, self.spec, self.t, self.targets, self.r4 = model, spec, t, targets, r4
-        self.bases = [layer_parameters(layer, spec) for layer in decoder_layers(model, spec)]
+        self.checkpointing, self.dtype = checkpointing, dtype
+        self.layers = list(decoder_layers(model, spec))
+        self.bases = [layer_parameters(layer, spec) for layer in self.layers]
+        self._container = model.get_submodule(spec.layers)
+        for i, layer in enumerate(self.layers):
+            self._container[i] = _StudentLayer(self, i, layer)
         embed, norm = model.get_submodule(spec.embed), model.get_submodule(spec.final_norm)
         self._handles = [
             embed.register_forward_hook(lambda _m, _a, out: out @ self.t.r_res.to(out.dtype)),
             norm.register_forward_pre_hook(lambda _m, a: (a[0] @ self.t.r_res.to(a[0].dtype).T, *a[1:])),
         ]
 
-    def parameters(self, dtype: torch.dtype) -> dict[str, Tensor]:
+    def layer_parameters(self, i: int) -> dict[str, Tensor]:
+        """Decoder layer ``i``'s transformed parameters, quantized linears fake-quantized (straight-through)."""
+        base = self.bases[i]
         params = {}
-        for i, base in enumerate(self.bases):
-            for key, value in layer_weights(base, self.t, i, self.spec, self.r4, dtype).items():
-                name = key.removesuffix(".weight")
-                if key.endswith(".weight") and name in self.targets[i]:
-                    value = weight_fake_quant(value, self.targets[i][name])
-                params[f"{self.spec.layers}.{i}.{key}"] = value
+        dtype = next(iter(base.values())).dtype
+        for key, value in layer_weights(base, self.t, i, self.spec, self.r4, dtype).items():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and name in self.targets[i]:
+                value = weight_fake_quant(value, self.targets[i][name])
+            params[key] = value
         return params
 
     def logits(self, ids: Tensor) -> Tensor:
-        dtype = next(iter(self.bases[0].values())).dtype
-        params = self.parameters(dtype)
-        return torch.func.functional_call(self.model, params, (ids,), {"use_cache": False}).logits
+        if self.dtype == torch.float32:
+            return self.model(ids, use_cache=False).logits
+        with torch.autocast(ids.device.type, dtype=self.dtype):
+            hidden = self.model.base_model(ids, use_cache=False).last_hidden_state
+        # the vocabulary projection stays float32: bf16 logits (8 mantissa bits) would swamp the KL of the top-k
+        return self.model.get_output_embeddings()(hidden.float())
 
     def close(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self._container[i] = layer
         for h in self._handles:
             h.remove()
 

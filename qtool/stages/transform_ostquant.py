@@ -56,6 +56,13 @@ class OstQuantConfig(StageConfig):
         ("r3", "r4"),
         description="fixed online Hadamards; [] keeps the checkpoint free of online ops (W4A16 for vLLM)",
     )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in the backward pass (less memory, ~1.3x the time)"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="student forward precision (bfloat16: autocast; transforms stay float32)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device (auto: cuda when present)")
     seed: int = 0
 
 
@@ -70,9 +77,20 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
     attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
     targets = [{tg.name: tg.args for tg in row} for row in plan]
-    student = Student(model, spec, t, targets, r4.dense().float() if r4 else None)
-    teacher = ctx.reference_model()
-    windows = calibration_inputs(ctx)[: cfg.n_samples, : cfg.seqlen]
+    device = _device(cfg.device)
+    teacher = ctx.reference_model().to(device)
+    model.to(device)
+    t.to(device)
+    student = Student(
+        model,
+        spec,
+        t,
+        targets,
+        r4.dense().float().to(device) if r4 else None,
+        checkpointing=cfg.activation_checkpointing,
+        dtype=getattr(torch, cfg.dtype),
+    )
+    windows = calibration_inputs(ctx)[: cfg.n_samples, : cfg.seqlen].to(device)
     settings = TrainSettings(
         iterations=cfg.iterations,
         lr_rotation=cfg.lr_rotation,
@@ -95,6 +113,8 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         )
     finally:
         student.close()
+        model.to("cpu")
+        t.to("cpu")
     seconds = time.time() - start
     _detach_quantizers(model, spec)
     tensors = {k: v.detach().float().contiguous() for k, v in t.state_dict().items()}
@@ -108,7 +128,15 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     ortho = max(
         orthogonality_error(t.r_res.detach().double()), max(orthogonality_error(r) for r in t.r_ov.detach().double())
     )
-    ctx.log.info("ostquant: %d iterations in %.1fs, loss %.4f -> %.4f", len(losses), seconds, losses[0], losses[-1])
+    ctx.log.info(
+        "ostquant: %d iterations on %s (%s) in %.1fs, loss %.4f -> %.4f",
+        len(losses),
+        device,
+        cfg.dtype,
+        seconds,
+        losses[0],
+        losses[-1],
+    )
     return {
         "method": "ostquant",
         "rotations": kinds,
@@ -117,6 +145,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         "loss_last": losses[-1],
         "loss_curve": losses[:: max(1, len(losses) // 50)],
         "train_seconds": round(seconds, 1),
+        "device": str(device),
         "orthogonality_error": ortho,
     }
 
@@ -154,3 +183,9 @@ def _detach_quantizers(model, spec: ArchSpec) -> None:
             hook = getattr(layer.get_submodule(name), "qtool_input", None)
             if hook is not None:
                 hook.quant = None
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)

@@ -91,6 +91,15 @@ def test_bad_input_exit_2_one_line_no_run_dir(recipe_file, tmp_path, mutate, nee
     assert_one_line_error(qtool("validate", str(path)), *needles)
 
 
+def test_ostquant_on_cuda_without_cuda_is_refused(recipe_file, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = recipe_file(lambda r: r.update(transform={"method": "ostquant", "device": "cuda"}))
+    assert_one_line_error(qtool("validate", str(path)), "transform.device", "no CUDA device", "auto or cpu")
+
+
 def test_unsupported_architecture_is_refused(recipe_file, tmp_path):
     model_dir = tmp_path / "gpt2"
     model_dir.mkdir()

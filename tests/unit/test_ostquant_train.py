@@ -8,7 +8,7 @@ import torch
 
 from qtool.algorithms.losses import kl_top
 from qtool.algorithms.ostquant import OstShapes, OstTransforms
-from qtool.algorithms.ostquant_train import Student, TrainSettings, train
+from qtool.algorithms.ostquant_train import Student, TrainSettings, train, weight_fake_quant
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.models.arch import decoder_layers, spec_for
@@ -91,3 +91,73 @@ def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
     assert len(losses) == 6
     for a, b in zip(full.t.state_dict().values(), resumed.t.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        SCHEME.weights,  # int4 per channel
+        PRESETS["W4A16"].weights.model_copy(update={"group_size": 16}),  # int4 g16
+        SCHEME.weights.model_copy(update={"bits": 8, "clip_ratio": 0.9}),  # clipped: some values leave the grid
+    ],
+    ids=["channel", "group16", "int8-clip0.9"],
+)
+def test_fused_weight_ste_matches_autograd(args):
+    """The fused straight-through weight quantizer has the forward and the gradient (through the rounding and
+    through the absmax scale) of the unfused ``fake_quantize_dynamic`` expression."""
+    from qtool.algorithms.actquant import fake_quantize_dynamic
+
+    w = torch.randn(48, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w[3, 7] = 9.0  # a row with one outlier
+    g = torch.randn(48, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fused = w.clone().requires_grad_(True)
+    out = weight_fake_quant(fused, args)
+    (out * g).sum().backward()
+    plain = w.clone().requires_grad_(True)
+    gran = {"channel": "token"}.get(args.granularity, args.granularity)
+    ref = fake_quantize_dynamic(plain, args.model_copy(update={"granularity": gran, "dynamic": True}))
+    (ref * g).sum().backward()
+    assert torch.equal(out.detach(), ref.detach())
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-12, atol=1e-12)
+    assert (fused.grad - g).abs().max() > 1e-3  # the scale path is really there
+
+
+def test_checkpointing_student_is_exact(setup):
+    """Activation checkpointing recomputes each layer with the same transforms: same loss and gradients."""
+    make, teacher, windows = setup
+    ids = windows[:1]
+    target = teacher(ids).detach()
+    grads = []
+    for checkpointing in (False, True):
+        student = make()
+        student.checkpointing = checkpointing
+        loss = kl_top(target, student.logits(ids), 100)
+        loss.backward()
+        student.close()
+        grads.append((loss.item(), student.t.r_res.grad.clone(), student.t.log_s_ud.grad.clone()))
+    (loss_a, r_a, s_a), (loss_b, r_b, s_b) = grads
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    torch.testing.assert_close(r_b, r_a, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(s_b, s_a, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_student_trains(setup):
+    """bf16 autocast (vocabulary projection kept in float32): the loss is within 10% of float32's (0.541 vs
+    0.519 measured), and training in bf16 lowers the held-out KL measured in float32."""
+    make, teacher, windows = setup
+    ids = windows[:1]
+    target = teacher(ids).detach()
+    student = make()
+    with torch.no_grad():
+        fp32 = kl_top(target, student.logits(ids), 100).item()
+        student.dtype = torch.bfloat16
+        bf16 = kl_top(target, student.logits(ids), 100).item()
+    assert bf16 == pytest.approx(fp32, rel=0.1)
+    student.dtype = torch.float32
+    before = _heldout_kl(student, teacher, windows)
+    student.dtype = torch.bfloat16
+    train(student, teacher, windows[:4], TrainSettings(iterations=24, lr_rotation=5e-3, lr_scale=2e-2, top_k=100))
+    student.dtype = torch.float32
+    after = _heldout_kl(student, teacher, windows)
+    student.close()
+    assert after < before
