@@ -8,6 +8,7 @@ before validation, so they are validated exactly like the file.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -174,7 +175,18 @@ def format_error(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-_UNION_TAGS = ("rtn", "gptq", "none", "hadamard", "smoothquant", "ostquant", "function-after[_check(), QuantArgs]")
+def _method_tags() -> frozenset[str]:
+    """The ``method`` values of the discriminated unions (pydantic puts them in error locations)."""
+    tags = set()
+    for union in (TransformConfig, Recipe.model_fields["quantize"].annotation):
+        if typing.get_origin(union) is Annotated:
+            union = typing.get_args(union)[0]
+        for member in typing.get_args(union):
+            tags.update(typing.get_args(member.model_fields["method"].annotation))
+    return frozenset(tags)
+
+
+_UNION_TAGS = _method_tags()
 
 
 def _is_union_tag(x: Any) -> bool:
