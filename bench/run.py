@@ -122,7 +122,7 @@ def main() -> None:
     print(f"{'row':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}")
     for r in rows:
         print(
-            f"{r.get('label', r['recipe']):28} {r['quantize_seconds']:>10.1f} {r['peak_rss_mb']:>11.0f} "
+            f"{r.get('label', r['recipe']):28} {r['quantize_seconds']:>10.1f} {r['peak_rss_mb'] or 0:>11.0f} "
             f"{r['packed_bytes'] / 1e6:>9.1f} {r['packed_vs_bf16']:>7.3f} {r['ppl']:>8.3f} {r['fp_ppl'] or 0:>8.3f}"
         )
     print(f"(eval: seqlen {rows[0]['eval_seqlen']}, {rows[0]['eval_tokens']} predicted tokens) -> {args.out}")
