@@ -32,6 +32,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),
     "w8a8-smoothquant-gptq": ("recipes/w8a8-smoothquant.yaml", []),
     "w8a8-smoothquant-rtn": ("recipes/w8a8-smoothquant.yaml", ["quantize={method: rtn}", "outliers.method=none"]),
+    "w4a4kv4-ostquant-rtn": ("recipes/w4a4-ostquant.yaml", ["quantize={method: rtn}"]),
     "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
     "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
 }

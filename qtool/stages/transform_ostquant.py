@@ -52,6 +52,11 @@ class OstQuantConfig(StageConfig):
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
     learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
     checkpoint_every: int = Field(10, gt=0, description="iterations between training checkpoints")
+    train_weight_quant: bool = Field(
+        True,
+        description="fake-quantize weights (RTN) in the student; false trains against activation/KV quantization "
+        "only, as SpinQuant does when GPTQ quantizes the weights afterwards",
+    )
     online_rotations: tuple[Literal["r3", "r4"], ...] = Field(
         ("r3", "r4"),
         description="fixed online Hadamards; [] keeps the checkpoint free of online ops (W4A16 for vLLM)",
@@ -76,7 +81,8 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     attach_rotations(model, spec, online)
     plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
     attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
-    targets = [{tg.name: tg.args for tg in row} for row in plan]
+    # weights: RTN fake-quantized in the student, or left in full precision (train_weight_quant: false)
+    targets = [{tg.name: tg.args for tg in row} if cfg.train_weight_quant else {} for row in plan]
     device = _device(cfg.device)
     teacher = ctx.reference_model().to(device)
     model.to(device)
