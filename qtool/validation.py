@@ -26,7 +26,7 @@ def validate_fit(recipe: Recipe) -> str:
 
         for task in recipe.evaluate.tasks:  # a missing task file must not surface after quantization
             task_files(task, task_data_dir(recipe.evaluate))
-    _check_training_budget(recipe)
+    _check_ostquant(recipe)
     src = resolve_source(recipe.model.source, recipe.model.tokenizer)
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)
@@ -49,8 +49,9 @@ def validate_fit(recipe: Recipe) -> str:
     )
 
 
-def _check_training_budget(recipe: Recipe) -> None:
-    """OSTQuant trains on prefixes of the calibration windows: it cannot use more than calibration provides."""
+def _check_ostquant(recipe: Recipe) -> None:
+    """OSTQuant trains on prefixes of the calibration windows (no more than calibration provides), on a device
+    that exists."""
     t, cal = recipe.transform, recipe.calibration
     if t.method != "ostquant":
         return

@@ -138,6 +138,18 @@ def attach_quantizers(model: nn.Module, spec: ArchSpec, plan: list[list[Target]]
             attention_state(model, layer.get_submodule(spec.attention)).kv_quant = scheme.kv_cache
 
 
+def detach_quantizers(model: nn.Module, spec: ArchSpec) -> None:
+    """Undo ``attach_quantizers`` (online rotations stay attached)."""
+    for layer in decoder_layers(model, spec):
+        state = getattr(layer.get_submodule(spec.attention), "qtool_attention", None)
+        if state is not None:
+            state.kv_quant = None
+        for name in spec.layer_linears:
+            hook = getattr(layer.get_submodule(name), "qtool_input", None)
+            if hook is not None:
+                hook.quant = None
+
+
 def _weight(layer: nn.Module, name: str) -> torch.Tensor:
     return layer.get_submodule(name).weight.detach().float()
 
