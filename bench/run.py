@@ -104,22 +104,28 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every run")
     args = ap.parse_args()
     extra = [x for o in args.overrides for x in ("--set", o)]
-    new = {label: run_one(label, args.model, ROOT / "bench" / "out", extra) for label in args.only}
     import torch
 
-    old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.is_file() else {}
     kept = {r.get("label", Path(r["recipe"]).stem): r for r in old.get("runs", []) if old.get("model") == args.model}
-    kept.update(new)
-    rows = [kept[label] for label in ROWS if label in kept]
-
-    result = {
-        "model": args.model,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "rerun": list(new),
-        "runs": rows,
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    done: list[str] = []
+    for label in args.only:  # results.json is rewritten after every row: a killed bench keeps what it measured
+        kept[label] = run_one(label, args.model, ROOT / "bench" / "out", extra)
+        done.append(label)
+        rows = [kept[lab] for lab in ROWS if lab in kept]
+        result = {
+            "model": args.model,
+            "machine": machine,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "rerun": done,
+            "runs": rows,
+        }
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+    rows = [kept[lab] for lab in ROWS if lab in kept]
     print(f"{'row':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}")
     for r in rows:
         print(

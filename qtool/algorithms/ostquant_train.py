@@ -42,6 +42,7 @@ class TrainSettings:
     iterations: int = 100
     lr_rotation: float = 1e-3
     lr_scale: float = 1e-2
+    max_angle: float | None = None  # trust region of each rotation step, radians (CayleyAdam ``max_angle``)
     loss: str = "kl_top"  # kl_top | mse | ce
     top_k: int = 1000
     learn_rotation: bool = True
@@ -124,7 +125,8 @@ class Student:
     decoder layer ``i``; ``r4``: the dense online rotation before down_proj (or None). ``checkpointing``: recompute
     each decoder layer in the backward pass instead of keeping its activations (memory for time);
     ``dtype``: compute dtype of the forward (``torch.bfloat16`` runs it under autocast, weights and transforms
-    stay float32). The model's decoder layers are swapped for stand-ins until ``close()``."""
+    stay float32). The model's decoder layers are swapped for stand-ins until ``close()`` (or the end of a
+    ``with Student(...)`` block)."""
 
     def __init__(
         self,
@@ -169,6 +171,12 @@ class Student:
         # the vocabulary projection stays float32: bf16 logits (8 mantissa bits) would swamp the KL of the top-k
         return self.model.get_output_embeddings()(hidden.float())
 
+    def __enter__(self) -> Student:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         for i, layer in enumerate(self.layers):
             self._container[i] = layer
@@ -199,7 +207,9 @@ def train(
         p.requires_grad_(settings.learn_rotation)
     for p in t.scales():
         p.requires_grad_(settings.learn_scaling)
-    opt_r = CayleyAdam(t.orthogonal(), lr=settings.lr_rotation) if settings.learn_rotation else None
+    opt_r = None
+    if settings.learn_rotation:
+        opt_r = CayleyAdam(t.orthogonal(), lr=settings.lr_rotation, max_angle=settings.max_angle)
     opt_s = torch.optim.Adam(t.scales(), lr=settings.lr_scale) if settings.learn_scaling else None
     start, losses = _resume(checkpoint, t, opt_r, opt_s)
     for it in range(start, settings.iterations):

@@ -24,6 +24,7 @@ keeps ``XᵀX`` where it starts, it does not correct a non-orthogonal start.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -86,9 +87,23 @@ def _cayley64(x: Tensor, w: Tensor, step: float) -> Tensor:
     return torch.linalg.solve(eye + a, x - a @ x)
 
 
+def _angle_cap(w: Tensor, lr: float, max_angle: float) -> Tensor:
+    """Factor ``≤ 1`` per matrix of ``w: [..., n, n]`` (skew) that keeps the Cayley step's largest rotation angle
+    at most ``max_angle``: the eigenvalues of ``W`` are ``±iσ``, and the Cayley factor with ``a = (lr/2) W`` turns
+    the plane of ``σ`` by ``2 atan(lr σ / 2)``, so the step is scaled to ``lr σ_max ≤ 2 tan(max_angle / 2)``."""
+    sigma = torch.linalg.matrix_norm(w, ord=2)
+    limit = 2.0 * math.tan(0.5 * max_angle)
+    return (limit / (lr * sigma).clamp_min(1e-300)).clamp(max=1.0)
+
+
 def _newton_schulz(x: Tensor) -> Tensor:
     """One Newton–Schulz polar step ``X (3I − XᵀX)/2``: if ``XᵀX = I + E`` the result has error ``O(‖E‖²)``."""
     return x @ (1.5 * _eye_like(x) - 0.5 * (_mt(x) @ x))
+
+
+def _check_max_angle(max_angle: float | None) -> None:
+    if max_angle is not None and not 0.0 < max_angle < math.pi:
+        raise ValueError(f"invalid max_angle {max_angle} (radians, in (0, pi))")
 
 
 class _CayleyOptimizer(torch.optim.Optimizer):
@@ -98,6 +113,12 @@ class _CayleyOptimizer(torch.optim.Optimizer):
     ``D`` and the float64 momentum ``M`` to transport; the transported ``M`` is written back to
     ``state[self._momentum_key]`` (kept in the parameter's dtype so that ``load_state_dict``, which casts floating
     state to the parameter dtype, restores exactly what was saved).
+
+    ``max_angle`` (radians, default None = no cap) is a trust region on each step: the skew direction ``W`` of a
+    matrix is scaled down so that no plane turns by more than ``max_angle``. Adam's direction has entries of RMS ≈ 1
+    whatever the gradient's rank, so a gradient dominated by one direction (a massive-activation channel) would
+    otherwise turn one plane by ``≈ lr·n`` radians in a single step (0.96 rad for SmolLM2's 576-wide R_res at
+    lr 2e-3). The momentum is not rescaled.
     """
 
     _momentum_key = "momentum"
@@ -142,7 +163,10 @@ class _CayleyOptimizer(torch.optim.Optimizer):
         d, m = self._direction(p, state, g, group)
         dxt = d @ _mt(x)
         w = dxt - _mt(dxt)  # D Xᵀ − X Dᵀ with one matmul
-        x_new = _cayley64(x, w, float(group["lr"]))
+        lr = float(group["lr"])
+        if group.get("max_angle") is not None and lr > 0:
+            w = w * _angle_cap(w, lr, group["max_angle"])[..., None, None]
+        x_new = _cayley64(x, w, lr)
         p.copy_(x_new)
         state[self._momentum_key].copy_(project_tangent(x_new, m))
 
@@ -163,7 +187,9 @@ class CayleyAdam(_CayleyOptimizer):
       coordinates; an elementwise second moment would distort it off the tangent space;
     - ``D = M̂ / (√v̂ + ε)`` with ``M̂ = M / (1 − β₁ᵗ)``, ``v̂ = v / (1 − β₂ᵗ)``;
     - ``W = D Xᵀ − X Dᵀ`` (skew), ``X ← (I + (lr/2) W)⁻¹ (I − (lr/2) W) X``;
-    - vector transport by projection: ``M ← M − X_new sym(X_newᵀ M)``.
+    - vector transport by projection: ``M ← M − X_new sym(X_newᵀ M)``;
+    - with ``max_angle``, ``W`` is first scaled down so no plane turns by more than ``max_angle``
+      (see ``_CayleyOptimizer``).
 
     Since ``D`` has entries of RMS ≈ 1, the first-order move ``lr (D − X Dᵀ X) = 2 lr D`` has entries of size
     ≈ ``2 lr``. State per parameter: ``step`` (int), ``exp_avg`` (parameter shape and dtype), ``exp_avg_sq``
@@ -178,6 +204,7 @@ class CayleyAdam(_CayleyOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        max_angle: float | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -185,7 +212,8 @@ class CayleyAdam(_CayleyOptimizer):
             raise ValueError(f"invalid betas {betas}")
         if eps < 0.0:
             raise ValueError(f"invalid eps {eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        _check_max_angle(max_angle)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "max_angle": max_angle})
 
     def _direction(self, p: Tensor, state: dict[str, Any], g: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Adam direction ``D = M̂ / (√v̂ + ε)`` (float64) and the updated first moment ``M`` (float64)."""
@@ -218,13 +246,18 @@ class CayleySGD(_CayleyOptimizer):
     _momentum_key = "momentum_buffer"
 
     def __init__(
-        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, momentum: float = 0.9
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        max_angle: float | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"invalid momentum {momentum}")
-        super().__init__(params, {"lr": lr, "momentum": momentum})
+        _check_max_angle(max_angle)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "max_angle": max_angle})
 
     def _direction(self, p: Tensor, state: dict[str, Any], g: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Heavy-ball direction ``D = M = μ M + g`` (float64)."""

@@ -49,6 +49,12 @@ class OstQuantConfig(StageConfig):
     top_k: int = Field(1000, gt=0, description="KL-Top: teacher's top-k tokens (clipped to the vocabulary)")
     lr_rotation: float = Field(2e-3, gt=0, description="Cayley Adam learning rate of R_res and R_ov (cosine decay)")
     lr_scale: float = Field(1e-2, gt=0, description="Adam learning rate of the log-scales (cosine decay)")
+    max_angle: float | None = Field(
+        None,
+        gt=0,
+        lt=3.14159,
+        description="trust region: largest rotation (radians) of any plane of R_res/R_ov in one step (null: no cap)",
+    )
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
     learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
     checkpoint_every: int = Field(10, gt=0, description="iterations between training checkpoints")
@@ -88,20 +94,12 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     teacher = ctx.reference_model().to(device)
     model.to(device)
     t.to(device)
-    student = Student(
-        model,
-        spec,
-        t,
-        targets,
-        r4.dense().float().to(device) if r4 else None,
-        checkpointing=cfg.activation_checkpointing,
-        dtype=getattr(torch, cfg.dtype),
-    )
     windows = calibration_inputs(ctx)[: cfg.n_samples, : cfg.seqlen].to(device)
     settings = TrainSettings(
         iterations=cfg.iterations,
         lr_rotation=cfg.lr_rotation,
         lr_scale=cfg.lr_scale,
+        max_angle=cfg.max_angle,
         loss=cfg.loss,
         top_k=cfg.top_k,
         learn_rotation=cfg.learn_rotation,
@@ -110,16 +108,24 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     )
     start = time.time()
     try:
-        losses = train(
-            student,
-            lambda ids: teacher(ids, use_cache=False).logits,
-            windows,
-            settings,
-            ctx.out / CHECKPOINT,
-            lambda i, n, loss: ctx.progress(f"ostquant {cfg.loss} {loss:.4f}", i, n),
-        )
+        with Student(
+            model,
+            spec,
+            t,
+            targets,
+            r4.dense().float().to(device) if r4 else None,
+            checkpointing=cfg.activation_checkpointing,
+            dtype=getattr(torch, cfg.dtype),
+        ) as student:
+            losses = train(
+                student,
+                lambda ids: teacher(ids, use_cache=False).logits,
+                windows,
+                settings,
+                ctx.out / CHECKPOINT,
+                lambda i, n, loss: ctx.progress(f"ostquant {cfg.loss} {loss:.4f}", i, n),
+            )
     finally:
-        student.close()
         model.to("cpu")
         t.to("cpu")
     seconds = time.time() - start

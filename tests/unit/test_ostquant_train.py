@@ -81,10 +81,9 @@ def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
         if i == 4:
             raise _Stop
 
-    killed = make()
-    with pytest.raises(_Stop):
+    with pytest.raises(_Stop), make() as killed:  # the with block puts the original decoder layers back
         train(killed, teacher, windows, settings, tmp_path / "ckpt.pt", progress=stop_at_4)
-    killed.close()
+    assert all(layer is orig for layer, orig in zip(killed._container, killed.layers, strict=True))
     resumed = make()  # fresh transforms: everything comes from the iteration-3 checkpoint
     losses = train(resumed, teacher, windows, settings, tmp_path / "ckpt.pt")
     resumed.close()
