@@ -32,7 +32,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),
     "w8a8-smoothquant-gptq": ("recipes/w8a8-smoothquant.yaml", []),
     "w8a8-smoothquant-rtn": ("recipes/w8a8-smoothquant.yaml", ["quantize={method: rtn}", "outliers.method=none"]),
-    "w4a4kv4-ostquant-rtn": ("recipes/w4a4-ostquant.yaml", ["quantize={method: rtn}"]),
+    # the recipe's student keeps FP weights for GPTQ; with RTN weights the student trains against RTN
+    "w4a4kv4-ostquant-rtn": (
+        "recipes/w4a4-ostquant.yaml",
+        ["quantize={method: rtn}", "transform.train_weight_quant=true"],
+    ),
     "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
     "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
 }
@@ -64,7 +68,12 @@ def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench: {' '.join(cmd)} failed with exit code {proc.returncode}")
-    summary = json.loads(stdout)["stages"]
+    return row(label, json.loads(stdout)["stages"], run_dir, time.time() - start, usage.ru_maxrss / 1024)
+
+
+def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_mb: float | None) -> dict:
+    """One results.json row from a run's ``--json`` stage summaries (also used to add rows measured by hand)."""
+    recipe, own = ROWS[label]
     ev, pack, q = summary["evaluate"]["summary"], summary["pack"]["summary"], summary["quantize"]
     recipe_yaml = (run_dir / "recipe.yaml").read_text()
     transform = summary["transform"]["summary"] or {}
@@ -81,8 +90,8 @@ def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
         else None,
         "quantize_seconds": q["seconds"],
         "calibrate_seconds": summary["calibrate"]["seconds"],
-        "pipeline_wall_seconds": round(time.time() - start, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "pipeline_wall_seconds": round(wall_seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb, 1) if peak_rss_mb is not None else None,
         "packed_bytes": pack["bytes"],
         "bf16_bytes": pack["bf16_bytes"],
         "packed_vs_bf16": round(pack["bytes"] / pack["bf16_bytes"], 4),

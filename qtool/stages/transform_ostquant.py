@@ -50,7 +50,7 @@ class OstQuantConfig(StageConfig):
     lr_rotation: float = Field(2e-3, gt=0, description="Cayley Adam learning rate of R_res and R_ov (cosine decay)")
     lr_scale: float = Field(1e-2, gt=0, description="Adam learning rate of the log-scales (cosine decay)")
     max_angle: float | None = Field(
-        None,
+        0.05,
         gt=0,
         lt=3.14159,
         description="trust region: largest rotation (radians) of any plane of R_res/R_ov in one step (null: no cap)",

@@ -170,3 +170,34 @@ def test_batched_parameter() -> None:
         opt.step()
     assert opt.state[r]["exp_avg_sq"].shape == (3,)
     assert orthogonality_error(r) <= 1e-6
+
+
+def _max_turn(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Largest rotation angle (radians) of ``before -> after`` per matrix: eigenvalues of ``beforeᵀ after``."""
+    return torch.linalg.eigvals(before.transpose(-2, -1) @ after).angle().abs().amax(dim=-1)
+
+
+@pytest.mark.parametrize("opt_cls", [CayleyAdam, CayleySGD])
+def test_max_angle_caps_a_one_plane_step(opt_cls) -> None:
+    """A one-plane gradient under Adam's normalization turns one plane by ≈ lr·n radians; ``max_angle`` bounds the
+    turn of every matrix of a batch exactly (Cayley angle 2·atan(lr σ / 2)) and leaves small steps alone."""
+    n = 48
+    x0 = torch.stack([random_orthogonal(n, torch.Generator().manual_seed(s)) for s in range(2)])
+    u, v = torch.randn(2, n, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = u @ v.T - v @ u.T  # one plane: a tangent gradient A·X with A skew of rank 2
+    grad = torch.stack([a @ x0[0], 1e-6 * (a @ x0[1])])  # second matrix: a tiny gradient (matters for SGD)
+
+    def one_step(**kw) -> torch.Tensor:
+        p = torch.nn.Parameter(x0.clone())
+        p.grad = grad.clone()
+        opt_cls([p], lr=0.02 if opt_cls is CayleyAdam else 0.5, **kw).step()
+        return _max_turn(x0, p.detach())
+
+    free, capped = one_step(), one_step(max_angle=0.05)
+    assert free[0] > 0.3  # uncapped: a large turn in one plane
+    torch.testing.assert_close(capped[0], torch.tensor(0.05, dtype=torch.float64), rtol=1e-9, atol=0)
+    if opt_cls is CayleySGD:  # SGD's tiny-gradient matrix turns by far less than the cap: left unchanged
+        assert free[1] < 0.05
+        torch.testing.assert_close(capped[1], free[1], rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="max_angle"):
+        opt_cls([torch.nn.Parameter(torch.eye(3))], max_angle=4.0)
