@@ -2,8 +2,9 @@
 
 Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R1/R2), scales from 1; online R3/R4
 are the fixed Hadamards of the ``hadamard`` method. The student quantizes as the recipe's scheme does (weights RTN
-with a straight-through estimator, activations and KV cache dynamically), the teacher is the unquantized model, and
-only the transforms train (``qtool.algorithms.ostquant_train``). Training state is checkpointed every
+with a straight-through estimator unless ``train_weight_quant: false``, activations and KV cache dynamically), the
+teacher is the unquantized model, and only the transforms train (``qtool.algorithms.ostquant_train``; rotation
+steps within the ``max_angle`` trust region). Training state is checkpointed every
 ``checkpoint_every`` iterations inside the stage's uncommitted directory, so a killed run resumes mid-training.
 Afterwards the transforms are fused into the weights in float64 (``qtool.algorithms.ostquant.fuse``) and the
 quantize stage runs GPTQ or RTN on them.
