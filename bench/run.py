@@ -115,26 +115,20 @@ def main() -> None:
     extra = [x for o in args.overrides for x in ("--set", o)]
     import torch
 
+    from qtool.artifacts import write_json
+
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     kept = {r.get("label", Path(r["recipe"]).stem): r for r in old.get("runs", []) if old.get("model") == args.model}
     done: list[str] = []
+    rows = [kept[lab] for lab in ROWS if lab in kept]
     for label in args.only:  # results.json is rewritten after every row: a killed bench keeps what it measured
         kept[label] = run_one(label, args.model, ROOT / "bench" / "out", extra)
         done.append(label)
         rows = [kept[lab] for lab in ROWS if lab in kept]
-        result = {
-            "model": args.model,
-            "machine": machine,
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "rerun": done,
-            "runs": rows,
-        }
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
-    rows = [kept[lab] for lab in ROWS if lab in kept]
+        date = time.strftime("%Y-%m-%d %H:%M")
+        write_json(out, {"model": args.model, "machine": machine, "date": date, "rerun": done, "runs": rows})
     print(f"{'row':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}")
     for r in rows:
         print(

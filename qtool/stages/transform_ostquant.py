@@ -16,6 +16,7 @@ curve as metadata) and ``rotations.safetensors`` for stored online matrices; ``a
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ class OstQuantConfig(StageConfig):
     max_angle: float | None = Field(
         0.05,
         gt=0,
-        lt=3.14159,
+        lt=math.pi,
         description="trust region: largest rotation (radians) of any plane of R_res/R_ov in one step (null: no cap)",
     )
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
