@@ -13,7 +13,9 @@ range comes from min/max times ``clip_ratio``. Symmetric scales are ``absmax / q
 follow compressed-tensors' ``absmax / ((qmax - qmin) / 2)``; quantize-dequantize is therefore idempotent.
 Arithmetic runs in float32 (float64 when ``x`` is float64) and the result has ``x``'s dtype. When ``x``
 requires grad, rounding uses the straight-through estimator (the gradient of quantize-dequantize is the identity
-inside the clipping range), which is what learned transforms train through.
+inside the clipping range), which is what learned transforms train through. A ``clip`` tensor replaces
+``args.clip_ratio`` and receives the gradient through the scale (learned clipping, LSQ-style:
+``d out / d scale`` is ``q - x / scale`` inside the grid and ``q`` where clamped).
 """
 
 from __future__ import annotations
@@ -24,19 +26,21 @@ from torch import Tensor
 from qtool.schemes import QuantArgs
 
 
-def fake_quantize_dynamic(x: Tensor, args: QuantArgs) -> Tensor:
-    """Quantize-dequantize ``x`` with ``args`` (``dynamic``), scales computed from ``x`` itself."""
+def fake_quantize_dynamic(x: Tensor, args: QuantArgs, clip: Tensor | None = None) -> Tensor:
+    """Quantize-dequantize ``x`` with ``args`` (``dynamic``), scales computed from ``x`` itself; ``clip`` (a
+    scalar tensor, differentiable) overrides ``args.clip_ratio``."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = x.shape
     v = grouped(x.to(work), args)
+    ratio = args.clip_ratio if clip is None else clip.to(work)
     if args.symmetric:
-        absmax = v.abs().amax(dim=-1, keepdim=True) * args.clip_ratio
+        absmax = v.abs().amax(dim=-1, keepdim=True) * ratio
         scale = (absmax / args.qmax).clamp_min(torch.finfo(work).tiny)
         q = _round(v / scale).clamp(args.qmin, args.qmax)
         out = q * scale
     else:
-        lo = v.amin(dim=-1, keepdim=True).clamp(max=0.0) * args.clip_ratio
-        hi = v.amax(dim=-1, keepdim=True).clamp(min=0.0) * args.clip_ratio
+        lo = v.amin(dim=-1, keepdim=True).clamp(max=0.0) * ratio
+        hi = v.amax(dim=-1, keepdim=True).clamp(min=0.0) * ratio
         scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(torch.finfo(work).tiny)
         zp = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax).detach()
         q = (_round(v / scale) + zp).clamp(args.qmin, args.qmax)

@@ -13,6 +13,9 @@ Row-vector convention (``y = x Wᵀ``, ``W: [out, in]``); ``R`` orthogonal, ``s`
   linear in ``up``).
 - Fixed online rotations from the rotations release: R4 before down_proj (``W_down <- W_down R4``) and R3 on queries
   and keys (no weight change).
+- **Clipping ratios** (learnable clipping thresholds, as FlatQuant's LCT): ``clip_act [layers, 4]`` for the dynamic
+  quantizers of the four linear inputs of a layer (``ArchSpec.input_groups`` order: q/k/v, o_proj, gate/up,
+  down_proj) and ``clip_kv [layers]`` for its KV cache; they change no weight, only the quantizers' ``clip_ratio``.
 
 ``layer_weights`` returns a decoder layer's transformed weights as a function of the parameters (differentiable,
 used for training through ``torch.func.functional_call``, and in float64 for the final fusion), so one formula
@@ -53,11 +56,24 @@ class OstShapes:
         )
 
 
+CLIP_SITES = 4  # dynamic input quantizers per decoder layer: ArchSpec.input_groups
+CLIP_MIN = 0.3  # lower bound of a learned clipping ratio
+
+
 class OstTransforms(nn.Module):
     """The learnable transforms. ``r_res``/``r_ov`` are orthogonal (train them with ``qtool.algorithms.stiefel``),
-    ``log_s_*`` are log-scales (train with Adam)."""
+    ``log_s_*`` are log-scales (train with Adam), ``clip_act``/``clip_kv`` clipping ratios (start them at the
+    scheme's ``clip_ratio``: the student's quantizers read these, not the scheme's)."""
 
-    def __init__(self, shapes: OstShapes, r_res: Tensor, r_ov: Tensor | None = None, dtype=torch.float32):
+    def __init__(
+        self,
+        shapes: OstShapes,
+        r_res: Tensor,
+        r_ov: Tensor | None = None,
+        dtype=torch.float32,
+        clip_act: float = 1.0,
+        clip_kv: float = 1.0,
+    ):
         super().__init__()
         self.shapes = shapes
         n, d, hd = shapes.layers, shapes.hidden, shapes.head_dim
@@ -69,12 +85,37 @@ class OstTransforms(nn.Module):
         self.log_s_ffn = nn.Parameter(torch.zeros(n, d, dtype=dtype))
         self.log_s_ov = nn.Parameter(torch.zeros(n, shapes.kv_heads * hd, dtype=dtype))
         self.log_s_ud = nn.Parameter(torch.zeros(n, shapes.intermediate, dtype=dtype))
+        self.clip_act = nn.Parameter(torch.full((n, CLIP_SITES), clip_act, dtype=dtype))
+        self.clip_kv = nn.Parameter(torch.full((n,), clip_kv, dtype=dtype))
 
     def orthogonal(self) -> list[nn.Parameter]:
         return [self.r_res, self.r_ov]
 
     def scales(self) -> list[nn.Parameter]:
         return [self.log_s_attn, self.log_s_ffn, self.log_s_ov, self.log_s_ud]
+
+    def clips(self) -> list[nn.Parameter]:
+        return [self.clip_act, self.clip_kv]
+
+    @torch.no_grad()
+    def project_clips(self) -> None:
+        """Keep every clipping ratio in ``[CLIP_MIN, 1]`` (projected gradient steps)."""
+        for p in self.clips():
+            p.clamp_(CLIP_MIN, 1.0)
+
+
+def clip_ratios(t: OstTransforms, spec: ArchSpec) -> dict[str, float]:
+    """``{module path: clip ratio}``: each quantized linear's input site and each attention module's KV cache
+    (rounded to 6 digits: a ratio that did not train reads back as the scheme's value)."""
+    out = {}
+    acts, kvs = t.clip_act.detach().double().tolist(), t.clip_kv.detach().double().tolist()
+    for i in range(t.shapes.layers):
+        prefix = f"{spec.layers}.{i}"
+        for site, (_, names) in enumerate(spec.input_groups):
+            for name in names:
+                out[f"{prefix}.{name}"] = round(acts[i][site], 6)
+        out[f"{prefix}.{spec.attention}"] = round(kvs[i], 6)
+    return out
 
 
 def layer_weights(

@@ -7,7 +7,8 @@ fake-quantized with a straight-through estimator; the residual rotation enters a
 lm_head does, without multiplying the whole vocabulary matrix every step. Online R3/R4 and the dynamic activation
 and KV-cache quantizers are the hooks of ``qtool.models.online`` (their rounding is straight-through too). Base
 weights are frozen; only the transforms train: orthogonal matrices with ``CayleyAdam`` (they stay orthogonal),
-log-scales with Adam, both on a cosine schedule.
+log-scales with Adam, clipping ratios (optional) with Adam projected onto ``[CLIP_MIN, 1]``, all on a cosine
+schedule. The clipping ratios reach the dynamic quantizers as ``learned_clip`` callables on their hooks.
 
 Window ``it % n`` feeds iteration ``it``, so a run resumed from a checkpoint (transforms + optimizer states +
 iteration) continues exactly as the uninterrupted run would have.
@@ -15,6 +16,7 @@ iteration) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -47,6 +49,8 @@ class TrainSettings:
     top_k: int = 1000
     learn_rotation: bool = True
     learn_scaling: bool = True
+    learn_clipping: bool = False
+    lr_clip: float = 5e-3
     checkpoint_every: int = 10
 
 
@@ -56,12 +60,18 @@ def weight_fake_quant(w: Tensor, args: QuantArgs) -> Tensor:
     The gradient is that of ``fake_quantize_dynamic`` with rounding straight-through: identity inside the grid,
     plus the path through the scale (``absmax``). Symmetric grids use one fused autograd function with that exact
     gradient (a third of the temporaries); asymmetric grids go through ``fake_quantize_dynamic``."""
-    gran = {"channel": "token"}.get(args.granularity, args.granularity)
-    dyn = args.model_copy(update={"granularity": gran, "dynamic": True, "observer": "minmax"})
+    dyn = _as_dynamic(args)
     if not (dyn.symmetric and w.requires_grad and w.dtype in (torch.float32, torch.float64)):
         return fake_quantize_dynamic(w, dyn)
     v = grouped(w, dyn)
     return _SymmetricSTE.apply(v, float(dyn.qmin), float(dyn.qmax), float(dyn.clip_ratio)).reshape(w.shape)
+
+
+@functools.cache
+def _as_dynamic(args: QuantArgs) -> QuantArgs:
+    """``args`` as a dynamic grid over the weight's rows (``channel`` → ``token``), built once per ``QuantArgs``."""
+    gran = {"channel": "token"}.get(args.granularity, args.granularity)
+    return args.model_copy(update={"granularity": gran, "dynamic": True, "observer": "minmax"})
 
 
 class _SymmetricSTE(torch.autograd.Function):
@@ -125,8 +135,9 @@ class Student:
     decoder layer ``i``; ``r4``: the dense online rotation before down_proj (or None). ``checkpointing``: recompute
     each decoder layer in the backward pass instead of keeping its activations (memory for time);
     ``dtype``: compute dtype of the forward (``torch.bfloat16`` runs it under autocast, weights and transforms
-    stay float32). The model's decoder layers are swapped for stand-ins until ``close()`` (or the end of a
-    ``with Student(...)`` block)."""
+    stay float32). The model's decoder layers are swapped for stand-ins, and its dynamic quantizers read their
+    ``clip_ratio`` from ``t.clip_act``/``t.clip_kv``, until ``close()`` (or the end of a ``with Student(...)``
+    block)."""
 
     def __init__(
         self,
@@ -150,6 +161,24 @@ class Student:
             embed.register_forward_hook(lambda _m, _a, out: out @ self.t.r_res.to(out.dtype)),
             norm.register_forward_pre_hook(lambda _m, a: (a[0] @ self.t.r_res.to(a[0].dtype).T, *a[1:])),
         ]
+        self._clipped = self._install_clips()
+
+    def _install_clips(self) -> list:
+        """Point the dynamic quantizers of every layer at ``t.clip_act`` / ``t.clip_kv`` (a differentiable
+        ``clip_ratio``); returns ``(hook or attention state, attribute)`` pairs, for ``close``."""
+        touched = []
+        for i, layer in enumerate(self.layers):
+            for site, (_, names) in enumerate(self.spec.input_groups):
+                for name in names:
+                    hook = getattr(layer.get_submodule(name), "qtool_input", None)
+                    if hook is not None and hook.quant is not None:
+                        hook.learned_clip = lambda i=i, site=site: self.t.clip_act[i, site]
+                        touched.append((hook, "learned_clip"))
+            state = getattr(layer.get_submodule(self.spec.attention), "qtool_attention", None)
+            if state is not None and state.kv_quant is not None:
+                state.learned_kv_clip = lambda i=i: self.t.clip_kv[i]
+                touched.append((state, "learned_kv_clip"))
+        return touched
 
     def layer_parameters(self, i: int) -> dict[str, Tensor]:
         """Decoder layer ``i``'s transformed parameters, quantized linears fake-quantized (straight-through)."""
@@ -182,6 +211,8 @@ class Student:
             self._container[i] = layer
         for h in self._handles:
             h.remove()
+        for obj, attr in self._clipped:
+            setattr(obj, attr, None)
 
 
 def _loss(settings: TrainSettings, teacher: Tensor, student: Tensor, ids: Tensor) -> Tensor:
@@ -207,11 +238,14 @@ def train(
         p.requires_grad_(settings.learn_rotation)
     for p in t.scales():
         p.requires_grad_(settings.learn_scaling)
+    for p in t.clips():
+        p.requires_grad_(settings.learn_clipping)
     opt_r = None
     if settings.learn_rotation:
         opt_r = CayleyAdam(t.orthogonal(), lr=settings.lr_rotation, max_angle=settings.max_angle)
     opt_s = torch.optim.Adam(t.scales(), lr=settings.lr_scale) if settings.learn_scaling else None
-    start, losses = _resume(checkpoint, t, opt_r, opt_s)
+    opt_c = torch.optim.Adam(t.clips(), lr=settings.lr_clip) if settings.learn_clipping else None
+    start, losses = _resume(checkpoint, t, opt_r, opt_s, opt_c)
     for it in range(start, settings.iterations):
         ids = windows[it % len(windows)].unsqueeze(0)
         with torch.no_grad():
@@ -219,24 +253,28 @@ def train(
         loss = _loss(settings, target, student.logits(ids), ids)
         loss.backward()
         cosine = 0.5 * (1 + math.cos(math.pi * it / settings.iterations))
-        for opt, lr in ((opt_r, settings.lr_rotation), (opt_s, settings.lr_scale)):
+        for opt, lr in ((opt_r, settings.lr_rotation), (opt_s, settings.lr_scale), (opt_c, settings.lr_clip)):
             if opt is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr * cosine
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        if opt_c is not None:
+            t.project_clips()
         losses.append(float(loss.detach()))
         progress(it + 1, settings.iterations, losses[-1])
         if checkpoint is not None and ((it + 1) % settings.checkpoint_every == 0 or it + 1 == settings.iterations):
-            _save(checkpoint, t, opt_r, opt_s, it + 1, losses)
+            _save(checkpoint, t, (opt_r, opt_s, opt_c), it + 1, losses)
     return losses
 
 
-def _save(path: Path, t: OstTransforms, opt_r, opt_s, iteration: int, losses: list[float]) -> None:
+_OPTIMIZERS = ("opt_r", "opt_s", "opt_c")  # rotations, scales, clipping ratios
+
+
+def _save(path: Path, t: OstTransforms, opts: tuple, iteration: int, losses: list[float]) -> None:
     state = {
         "transforms": t.state_dict(),
-        "opt_r": opt_r.state_dict() if opt_r else None,
-        "opt_s": opt_s.state_dict() if opt_s else None,
+        **{key: opt.state_dict() if opt else None for key, opt in zip(_OPTIMIZERS, opts, strict=True)},
         "iteration": iteration,
         "losses": losses,
     }
@@ -245,14 +283,13 @@ def _save(path: Path, t: OstTransforms, opt_r, opt_s, iteration: int, losses: li
     os.replace(tmp, path)
 
 
-def _resume(path: Path | None, t: OstTransforms, opt_r, opt_s) -> tuple[int, list[float]]:
+def _resume(path: Path | None, t: OstTransforms, *opts) -> tuple[int, list[float]]:
     if path is None or not path.is_file():
         return 0, []
     state = torch.load(path, weights_only=True)
     t.load_state_dict(state["transforms"])
-    if opt_r is not None and state["opt_r"] is not None:
-        opt_r.load_state_dict(state["opt_r"])
-    if opt_s is not None and state["opt_s"] is not None:
-        opt_s.load_state_dict(state["opt_s"])
+    for key, opt in zip(_OPTIMIZERS, opts, strict=True):
+        if opt is not None and state.get(key) is not None:
+            opt.load_state_dict(state[key])
     log.info("ostquant: resumed at iteration %d from %s", state["iteration"], path)
     return int(state["iteration"]), list(state["losses"])

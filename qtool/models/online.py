@@ -15,6 +15,7 @@ it back on a freshly loaded model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ from qtool.schemes import QuantArgs
 log = logging.getLogger(__name__)
 
 ATTENTION = "qtool"
+# module attribute holding a learned clip ratio for that module's input (linear) or KV cache (attention module);
+# ``qtool.stages.quantize.attach_quantizers`` puts it into the module's QuantArgs
+CLIP_ATTR = "qtool_clip_ratio"
 
 
 @dataclass
@@ -60,11 +64,13 @@ class OnlineRotation:
 
 
 class InputHook:
-    """Forward pre-hook of one linear: optional rotation, then optional dynamic quantization of its input."""
+    """Forward pre-hook of one linear: optional rotation, then optional dynamic quantization of its input.
+    ``learned_clip`` (training only, not described): returns a scalar tensor that replaces ``quant.clip_ratio``."""
 
     def __init__(self) -> None:
         self.rotation: OnlineRotation | None = None
         self.quant: QuantArgs | None = None
+        self.learned_clip: Callable[[], Tensor] | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         if self.rotation is None and self.quant is None:
@@ -73,17 +79,18 @@ class InputHook:
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quant is not None:
-            x = fake_quantize_dynamic(x, self.quant)
+            x = fake_quantize_dynamic(x, self.quant, self.learned_clip() if self.learned_clip else None)
         return (x, *args[1:])
 
 
 @dataclass
 class AttentionState:
     """Online pieces inside one attention module: ``qk_rotation`` (R3, over head_dim, after RoPE) and
-    ``kv_quant`` (applied to keys after R3 and to values)."""
+    ``kv_quant`` (applied to keys after R3 and to values); ``learned_kv_clip`` as ``InputHook.learned_clip``."""
 
     qk_rotation: OnlineRotation | None = None
     kv_quant: QuantArgs | None = None
+    learned_kv_clip: Callable[[], Tensor] | None = None
 
 
 def input_hook(linear: nn.Module) -> InputHook:
@@ -119,8 +126,9 @@ def qtool_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         if state.qk_rotation is not None:
             query, key = state.qk_rotation(query), state.qk_rotation(key)
         if state.kv_quant is not None:
-            key = fake_quantize_dynamic(key, state.kv_quant)
-            value = fake_quantize_dynamic(value, state.kv_quant)
+            clip = state.learned_kv_clip() if state.learned_kv_clip else None
+            key = fake_quantize_dynamic(key, state.kv_quant, clip)
+            value = fake_quantize_dynamic(value, state.kv_quant, clip)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

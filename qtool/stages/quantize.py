@@ -21,7 +21,7 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.algorithms.quantizer import QuantizedWeight, rtn_quantize, scale_dtype_for
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.models.arch import ArchSpec, decoder_layers
-from qtool.models.online import attention_state, input_hook
+from qtool.models.online import CLIP_ATTR, attention_state, input_hook
 from qtool.models.sequential import LayerInputs, capture_layer_inputs, run_layer
 from qtool.schemes import QuantArgs, Scheme
 from qtool.stages.base import Stage, StageConfig, StageContext
@@ -129,13 +129,21 @@ class Quantize(Stage):
 
 def attach_quantizers(model: nn.Module, spec: ArchSpec, plan: list[list[Target]], scheme: Scheme) -> None:
     """Dynamic input quantization on every planned linear and KV-cache quantization in every attention module,
-    as the scheme asks (after any online rotation the transform stage attached)."""
+    as the scheme asks (after any online rotation the transform stage attached). A module carrying a
+    ``qtool_clip_ratio`` attribute (clipping learned by a transform, e.g. OSTQuant's) gets that ``clip_ratio``."""
     for i, layer in enumerate(decoder_layers(model, spec)):
         if scheme.input_activations is not None:
             for t in plan[i]:
-                input_hook(layer.get_submodule(t.name)).quant = scheme.input_activations
+                module = layer.get_submodule(t.name)
+                input_hook(module).quant = _with_clip(scheme.input_activations, module)
         if scheme.kv_cache is not None:
-            attention_state(model, layer.get_submodule(spec.attention)).kv_quant = scheme.kv_cache
+            attn = layer.get_submodule(spec.attention)
+            attention_state(model, attn).kv_quant = _with_clip(scheme.kv_cache, attn)
+
+
+def _with_clip(args: QuantArgs, module: nn.Module) -> QuantArgs:
+    ratio = getattr(module, CLIP_ATTR, None)
+    return args if ratio is None else args.model_copy(update={"clip_ratio": ratio})
 
 
 def detach_quantizers(model: nn.Module, spec: ArchSpec) -> None:

@@ -23,13 +23,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from qtool.algorithms.ostquant import OstShapes, OstTransforms, fuse
+from qtool.algorithms.ostquant import OstShapes, OstTransforms, clip_ratios, fuse
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.models.arch import decoder_layers
-from qtool.models.online import attach_rotations, online_rotations
+from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
+from qtool.schemes import Scheme
 from qtool.stages.base import StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
 from qtool.stages.quantize import attach_quantizers, detach_quantizers
@@ -59,6 +60,12 @@ class OstQuantConfig(StageConfig):
     )
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
     learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
+    learn_clipping: bool = Field(
+        True,
+        description="train a clipping ratio per layer for each dynamic activation quantizer (4 input sites) and the "
+        "KV cache, starting from the scheme's clip_ratio; no effect without activation/KV quantization",
+    )
+    lr_clip: float = Field(5e-3, gt=0, description="Adam learning rate of the clipping ratios (cosine decay)")
     checkpoint_every: int = Field(10, gt=0, description="iterations between training checkpoints")
     train_weight_quant: bool = Field(
         True,
@@ -86,7 +93,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     online_tensors, kinds = build_online(model)
     online = online_rotations(kinds, online_tensors)
     r4 = online.get("r4")
-    t = _init(model, cfg)
+    t = _init(model, cfg, ctx.recipe.scheme)
     attach_rotations(model, spec, online)
     plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
     attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
@@ -106,6 +113,8 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         top_k=cfg.top_k,
         learn_rotation=cfg.learn_rotation,
         learn_scaling=cfg.learn_scaling,
+        learn_clipping=cfg.learn_clipping and _quantizes_activations(ctx.recipe.scheme),
+        lr_clip=cfg.lr_clip,
         checkpoint_every=cfg.checkpoint_every,
     )
     start = time.time()
@@ -140,6 +149,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     )
     (ctx.out / CHECKPOINT).unlink(missing_ok=True)
     fuse(model, spec, t, r4.dense() if r4 else None)
+    _set_clip_ratios(model, spec, t)
     ortho = max(
         orthogonality_error(t.r_res.detach().double()), max(orthogonality_error(r) for r in t.r_ov.detach().double())
     )
@@ -162,6 +172,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         "train_seconds": round(seconds, 1),
         "device": str(device),
         "orthogonality_error": ortho,
+        **(_clip_summary(t) if settings.learn_clipping else {}),
     }
 
 
@@ -178,14 +189,39 @@ def apply_ostquant(ctx: StageContext, path) -> None:
     t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")})
     attach_rotations(ctx.model, ctx.spec, rotations)
     fuse(ctx.model, ctx.spec, t, r4.dense() if r4 else None)
+    _set_clip_ratios(ctx.model, ctx.spec, t)
 
 
-def _init(model: torch.nn.Module, cfg: OstQuantConfig) -> OstTransforms:
+def _init(model: torch.nn.Module, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
     sh = OstShapes.of(model.config)
     gen = torch.Generator().manual_seed(cfg.seed)
     r_res, _ = make_rotation(sh.hidden, gen)
     r_ov = torch.stack([make_rotation(sh.head_dim, gen)[0] for _ in range(sh.layers)])
-    return OstTransforms(sh, r_res, r_ov)
+    act, kv = scheme.input_activations, scheme.kv_cache
+    return OstTransforms(
+        sh,
+        r_res,
+        r_ov,
+        clip_act=act.clip_ratio if act else 1.0,
+        clip_kv=kv.clip_ratio if kv else 1.0,
+    )
+
+
+def _quantizes_activations(scheme: Scheme) -> bool:
+    return scheme.input_activations is not None or scheme.kv_cache is not None
+
+
+def _set_clip_ratios(model: torch.nn.Module, spec, t: OstTransforms) -> None:
+    """Mark every quantizer site with its clipping ratio (``CLIP_ATTR``), which the quantize stage applies."""
+    for path, ratio in clip_ratios(t, spec).items():
+        setattr(model.get_submodule(path), CLIP_ATTR, ratio)
+
+
+def _clip_summary(t: OstTransforms) -> dict[str, Any]:
+    def stats(p: torch.Tensor) -> dict[str, float]:
+        return {"min": round(p.min().item(), 4), "mean": round(p.mean().item(), 4), "max": round(p.max().item(), 4)}
+
+    return {"clip_act": stats(t.clip_act.detach()), "clip_kv": stats(t.clip_kv.detach())}
 
 
 def _device(choice: str) -> torch.device:

@@ -65,3 +65,24 @@ def test_group_size_must_divide():
     g = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=24, dynamic=True)
     with pytest.raises(ValueError, match="does not divide"):
         fake_quantize_dynamic(_x(2, 64), g)
+
+
+@pytest.mark.parametrize("args", [TOKEN4, HEAD4], ids=["symmetric-token", "asymmetric-head"])
+def test_clip_tensor_is_clip_ratio_and_trains(args):
+    """A ``clip`` tensor quantizes as ``clip_ratio`` does, and its gradient is the straight-through one through the
+    scale (symmetric: ``sum_t absmax_t / qmax * sum_j g_j (q_j - u_j inside the grid, q_j where clamped)``)."""
+    x = _x(3, 5, 16)
+    g = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    clip = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    y = fake_quantize_dynamic(x, args, clip)
+    assert torch.equal(y.detach(), fake_quantize_dynamic(x, args.model_copy(update={"clip_ratio": 0.8})))
+    (y * g).sum().backward()
+    assert clip.grad is not None and clip.grad.abs() > 1e-3
+    if args.symmetric:
+        absmax = x.abs().amax(-1, keepdim=True)
+        scale = absmax * 0.8 / args.qmax
+        u = x / scale
+        inside = (u.round() >= args.qmin) & (u.round() <= args.qmax)
+        q = u.round().clamp(args.qmin, args.qmax)
+        expected = ((g * torch.where(inside, q - u, q)).sum(-1, keepdim=True) * absmax / args.qmax).sum()
+        torch.testing.assert_close(clip.grad, expected, rtol=1e-10, atol=1e-12)

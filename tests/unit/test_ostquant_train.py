@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qtool.algorithms.losses import kl_top
-from qtool.algorithms.ostquant import OstShapes, OstTransforms
+from qtool.algorithms.ostquant import CLIP_MIN, OstShapes, OstTransforms
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train, weight_fake_quant
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
@@ -72,7 +72,7 @@ def test_training_lowers_kl_and_keeps_orthogonality(setup):
 
 def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
     make, teacher, windows = setup
-    settings = TrainSettings(iterations=6, checkpoint_every=3, top_k=100)
+    settings = TrainSettings(iterations=6, checkpoint_every=3, top_k=100, learn_clipping=True)
     full = make()
     train(full, teacher, windows, settings)
     full.close()
@@ -90,6 +90,26 @@ def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
     assert len(losses) == 6
     for a, b in zip(full.t.state_dict().values(), resumed.t.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_learned_clipping_lowers_kl_within_bounds(setup):
+    """Clipping ratios alone (rotations and scales frozen) train down from 1, stay in ``[CLIP_MIN, 1]`` and lower
+    the held-out KL; closing the student takes the learned clips off the quantizers."""
+    make, teacher, windows = setup
+    student = make()
+    before = _heldout_kl(student, teacher, windows)
+    settings = TrainSettings(
+        iterations=16, learn_rotation=False, learn_scaling=False, learn_clipping=True, lr_clip=2e-2, top_k=100
+    )
+    train(student, teacher, windows[:4], settings)
+    after = _heldout_kl(student, teacher, windows)
+    student.close()
+    clips = torch.cat([student.t.clip_act.detach().flatten(), student.t.clip_kv.detach()])
+    assert after < before
+    assert clips.min() >= CLIP_MIN and clips.max() <= 1.0
+    assert clips.min() < 0.95  # they moved
+    hooks = [m.qtool_input for m in student.model.modules() if hasattr(m, "qtool_input")]
+    assert hooks and all(h.learned_clip is None for h in hooks)
 
 
 @pytest.mark.parametrize(
