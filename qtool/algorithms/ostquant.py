@@ -104,18 +104,24 @@ class OstTransforms(nn.Module):
             p.clamp_(CLIP_MIN, 1.0)
 
 
+def clip_sites(spec: ArchSpec) -> list[tuple[int | None, str]]:
+    """Where a decoder layer's clipping ratios act: ``(column of clip_act, module path in the layer)`` for each
+    quantized linear input, and ``(None, attention module)`` for the KV cache (``clip_kv``)."""
+    sites: list[tuple[int | None, str]] = [
+        (site, name) for site, (_, names) in enumerate(spec.input_groups) for name in names
+    ]
+    return [*sites, (None, spec.attention)]
+
+
 def clip_ratios(t: OstTransforms, spec: ArchSpec) -> dict[str, float]:
-    """``{module path: clip ratio}``: each quantized linear's input site and each attention module's KV cache
-    (rounded to 6 digits: a ratio that did not train reads back as the scheme's value)."""
-    out = {}
+    """``{module path: clip ratio}`` over ``clip_sites`` of every layer (rounded to 6 digits: a ratio that did not
+    train reads back as the scheme's value)."""
     acts, kvs = t.clip_act.detach().double().tolist(), t.clip_kv.detach().double().tolist()
-    for i in range(t.shapes.layers):
-        prefix = f"{spec.layers}.{i}"
-        for site, (_, names) in enumerate(spec.input_groups):
-            for name in names:
-                out[f"{prefix}.{name}"] = round(acts[i][site], 6)
-        out[f"{prefix}.{spec.attention}"] = round(kvs[i], 6)
-    return out
+    return {
+        f"{spec.layers}.{i}.{name}": round(kvs[i] if site is None else acts[i][site], 6)
+        for i in range(t.shapes.layers)
+        for site, name in clip_sites(spec)
+    }
 
 
 def layer_weights(

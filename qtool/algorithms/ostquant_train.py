@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
-from qtool.algorithms.ostquant import OstTransforms, layer_parameters, layer_weights
+from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
 from qtool.models.arch import ArchSpec, decoder_layers
 from qtool.schemes import QuantArgs
@@ -168,16 +168,18 @@ class Student:
         ``clip_ratio``); returns ``(hook or attention state, attribute)`` pairs, for ``close``."""
         touched = []
         for i, layer in enumerate(self.layers):
-            for site, (_, names) in enumerate(self.spec.input_groups):
-                for name in names:
-                    hook = getattr(layer.get_submodule(name), "qtool_input", None)
-                    if hook is not None and hook.quant is not None:
-                        hook.learned_clip = lambda i=i, site=site: self.t.clip_act[i, site]
-                        touched.append((hook, "learned_clip"))
-            state = getattr(layer.get_submodule(self.spec.attention), "qtool_attention", None)
-            if state is not None and state.kv_quant is not None:
-                state.learned_kv_clip = lambda i=i: self.t.clip_kv[i]
-                touched.append((state, "learned_kv_clip"))
+            for site, name in clip_sites(self.spec):
+                module = layer.get_submodule(name)
+                if site is None:
+                    state = getattr(module, "qtool_attention", None)
+                    if state is not None and state.kv_quant is not None:
+                        state.learned_kv_clip = lambda i=i: self.t.clip_kv[i]
+                        touched.append((state, "learned_kv_clip"))
+                    continue
+                hook = getattr(module, "qtool_input", None)
+                if hook is not None and hook.quant is not None:
+                    hook.learned_clip = lambda i=i, site=site: self.t.clip_act[i, site]
+                    touched.append((hook, "learned_clip"))
         return touched
 
     def layer_parameters(self, i: int) -> dict[str, Tensor]:
