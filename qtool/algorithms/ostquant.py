@@ -169,6 +169,48 @@ def layer_weights(
     return out
 
 
+@torch.no_grad()
+def weight_covariances(model: nn.Module, spec: ArchSpec) -> tuple[Tensor, Tensor]:
+    """The weight covariances behind OSTQuant's weight-outlier-minimizing initialisation (WOMI), float64.
+
+    ``c_res [d, d]``: ``Σ Ŵᵀ Ŵ`` over the linears that read the residual stream (q/k/v with the attention norm's
+    gain fused, gate/up with the MLP norm's) plus ``Σ Ŵ Ŵᵀ`` over those that write it (o_proj, down_proj), all
+    layers, each ``Ŵ = W / ‖W‖_F`` so that no matrix dominates by its scale alone. ``c_ov [layers, hd, hd]``: per
+    layer, the same over the value rows of each KV head (``Ŵ_v,h Ŵ_v,hᵀ``) and o_proj's columns of each head
+    (``Ŵ_o,hᵀ Ŵ_o,h``) — the sides ``R_res`` and ``R_ov`` rotate (``layer_weights``).
+
+    ``womi_rotation(c, h)``: with ``R = Q H`` (``Q`` the eigenvectors of ``c``, ``H`` an orthonormal Hadamard, its
+    rows sign-flipped or not) every rotated column carries the same share of the energy, ``(Rᵀ c R)_jj = tr(c)/n``.
+    """
+    from qtool.models.arch import decoder_layers
+
+    sh = OstShapes.of(model.config)
+    hd = sh.head_dim
+    c_res = torch.zeros(sh.hidden, sh.hidden, dtype=torch.float64)
+    c_ov = []
+    for layer in decoder_layers(model, spec):
+        w = {name: layer.get_submodule(name).weight.detach().double() for name in spec.layer_linears}
+        gain_a = layer.get_submodule(spec.attn_norm).weight.detach().double()
+        gain_m = layer.get_submodule(spec.mlp_norm).weight.detach().double()
+        unit = {name: m / m.norm() for name, m in w.items()}
+        for name, gain in ((spec.q_proj, gain_a), (spec.k_proj, gain_a), (spec.v_proj, gain_a),
+                           (spec.gate_proj, gain_m), (spec.up_proj, gain_m)):  # fmt: skip
+            m = w[name] * gain
+            m = m / m.norm()
+            c_res += m.T @ m
+        for name in (spec.o_proj, spec.down_proj):
+            c_res += unit[name] @ unit[name].T
+        v = unit[spec.v_proj].unflatten(0, (sh.kv_heads, hd))  # [kv_heads, hd, d]
+        o = unit[spec.o_proj].unflatten(1, (sh.heads, hd))  # [d, heads, hd]
+        c_ov.append(torch.einsum("kid,kjd->ij", v, v) + torch.einsum("dhi,dhj->ij", o, o))
+    return c_res, torch.stack(c_ov)
+
+
+def womi_rotation(c: Tensor, h: Tensor) -> Tensor:
+    """``Q H``: the eigenvectors of the covariance ``c`` (``[..., n, n]``) composed with the orthonormal ``h``."""
+    return torch.linalg.eigh(c.double()).eigenvectors @ h.double()
+
+
 def layer_parameters(layer: nn.Module, spec: ArchSpec) -> dict[str, Tensor]:
     """The parameters ``layer_weights`` reads, detached, keyed by module path."""
     names = [*spec.layer_linears, spec.attn_norm, spec.mlp_norm]

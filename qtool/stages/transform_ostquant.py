@@ -1,6 +1,7 @@
 """The transform stage's ``ostquant`` method: learn OSTQuant's orthogonal + scaling transforms, then fuse them.
 
-Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R1/R2), scales from 1; online R3/R4
+Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R1/R2; with ``init: womi`` composed
+with the eigenvectors of the weights' covariance, ``ostquant.weight_covariances``), scales from 1; online R3/R4
 are the fixed Hadamards of the ``hadamard`` method. The student quantizes as the recipe's scheme does (weights RTN
 with a straight-through estimator unless ``train_weight_quant: false``, activations and KV cache dynamically), the
 teacher is the unquantized model, and only the transforms train (``qtool.algorithms.ostquant_train``; rotation
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from qtool.algorithms.ostquant import OstShapes, OstTransforms, clip_ratios, fuse
+from qtool.algorithms.ostquant import OstShapes, OstTransforms, clip_ratios, fuse, weight_covariances, womi_rotation
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
@@ -57,6 +58,11 @@ class OstQuantConfig(StageConfig):
         gt=0,
         lt=math.pi,
         description="trust region: largest rotation (radians) of any plane of R_res/R_ov in one step (null: no cap)",
+    )
+    init: Literal["hadamard", "womi"] = Field(
+        "hadamard",
+        description="start of R_res/R_ov: randomized Hadamards (hadamard), or the paper's weight-outlier-minimizing "
+        "init (womi): eigenvectors of the weights' covariance times the randomized Hadamard",
     )
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
     learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
@@ -93,7 +99,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     online_tensors, kinds = build_online(model)
     online = online_rotations(kinds, online_tensors)
     r4 = online.get("r4")
-    t = _init(model, cfg, ctx.recipe.scheme)
+    t = _init(model, spec, cfg, ctx.recipe.scheme)
     attach_rotations(model, spec, online)
     plan = plan_targets(decoder_layers(model, spec), spec, ctx.recipe.scheme)
     attach_quantizers(model, spec, plan, ctx.recipe.scheme)  # the student quantizes as the scheme will
@@ -192,11 +198,14 @@ def apply_ostquant(ctx: StageContext, path) -> None:
     _set_clip_ratios(ctx.model, ctx.spec, t)
 
 
-def _init(model: torch.nn.Module, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
+def _init(model: torch.nn.Module, spec, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
     sh = OstShapes.of(model.config)
     gen = torch.Generator().manual_seed(cfg.seed)
     r_res, _ = make_rotation(sh.hidden, gen)
     r_ov = torch.stack([make_rotation(sh.head_dim, gen)[0] for _ in range(sh.layers)])
+    if cfg.init == "womi":
+        c_res, c_ov = weight_covariances(model, spec)
+        r_res, r_ov = womi_rotation(c_res, r_res), womi_rotation(c_ov, r_ov)
     act, kv = scheme.input_activations, scheme.kv_cache
     return OstTransforms(
         sh,
