@@ -4,6 +4,10 @@ Each row runs as its own ``qtool quantize --json --force`` process, so peak RSS 
 alone. Writes ``bench/results.json`` (``--only`` reruns some rows and keeps the others) and prints a table. Every
 row evaluates with the same token budget (the recipes' ``evaluate`` sections are identical). Numbers from one run
 on one machine: compare ratios within a run, not absolute seconds across machines.
+
+``--seeds 1 2`` reruns the seeded rows (randomized Hadamards, OSTQuant) as ``<row>-seed<N>`` rows beside the
+seed-0 row; ``--add ROW=RUN_DIR[:TIME_LOG] --note "..."`` records a run made by hand (e.g. ``qtool quantize`` with
+``OMP_NUM_THREADS=1`` under ``/usr/bin/time -v``, two runs side by side) from its stage manifests.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -40,11 +45,34 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
     "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
 }
+# rows whose transform draws from a seed (randomized Hadamards; OSTQuant starts from its seed's Hadamard): `--seeds`
+# reruns them as `<row>-seed<N>` rows with `transform.seed=N`, kept beside the seed-0 row
+SEEDED = {lab for lab, row in ROWS.items() if any(k in str(row) for k in ("ostquant", "quarot", "hadamard"))}
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """``"w4a16-ostquant-gptq-seed1"`` -> ``("w4a16-ostquant-gptq", 1)``; a plain row -> ``(label, None)``."""
+    base, sep, seed = label.rpartition("-seed")
+    if sep and seed.isdigit() and base in SEEDED:
+        return base, int(seed)
+    return label, None
+
+
+def overrides(label: str) -> list[str]:
+    """The row's own recipe overrides (``transform.seed`` last for a seed row)."""
+    base, seed = split_label(label)
+    return [*ROWS[base][1], *([f"transform.seed={seed}"] if seed is not None else [])]
+
+
+def ordered(rows: dict[str, dict]) -> list[dict]:
+    """Rows in ``ROWS`` order, each row's seed variants after it."""
+    by_base = sorted(rows, key=lambda lab: split_label(lab)[1] or 0)
+    return [rows[lab] for base in ROWS for lab in by_base if split_label(lab)[0] == base]
 
 
 def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
-    recipe, own = ROWS[label]
-    extra = [x for o in own for x in ("--set", o)] + extra
+    recipe = ROWS[split_label(label)[0]][0]
+    extra = [x for o in overrides(label) for x in ("--set", o)] + extra
     run_dir = out_dir / label
     cmd = [
         sys.executable,
@@ -73,7 +101,7 @@ def run_one(label: str, model: str, out_dir: Path, extra: list[str]) -> dict:
 
 def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_mb: float | None) -> dict:
     """One results.json row from a run's ``--json`` stage summaries (also used to add rows measured by hand)."""
-    recipe, own = ROWS[label]
+    recipe = ROWS[split_label(label)[0]][0]
     ev, pack, q = summary["evaluate"]["summary"], summary["pack"]["summary"], summary["quantize"]
     recipe_yaml = (run_dir / "recipe.yaml").read_text()
     transform = summary["transform"]["summary"] or {}
@@ -81,7 +109,7 @@ def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_
     return {
         "label": label,
         "recipe": recipe,
-        "overrides": own,
+        "overrides": overrides(label),
         "transform_seconds": summary["transform"]["seconds"],
         "outliers_worst": outliers.get("worst", [])[:5],
         "before_after": transform.get("before_after", [])[:5],
@@ -105,11 +133,59 @@ def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_
     }
 
 
+def stages_of(run_dir: Path) -> dict:
+    """A finished run's stage summaries as ``qtool quantize --json`` prints them, read from its stage manifests."""
+    stages = {}
+    for manifest in sorted(run_dir.glob("[0-9][0-9]-*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        stages[m["stage"].split("-", 1)[1]] = {"seconds": m["seconds"], "summary": m["summary"]}
+    return stages
+
+
+def time_log(path: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) from a GNU ``/usr/bin/time -v`` log."""
+    text = path.read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if not wall or not rss:
+        raise SystemExit(f"bench: {path} is not a /usr/bin/time -v log")
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":"))))
+    return seconds, int(rss.group(1)) / 1024
+
+
+def added_row(spec: str, note: str | None) -> tuple[str, dict]:
+    """``LABEL=RUN_DIR[:TIME_LOG]``: a row from a run made by hand (e.g. two single-thread runs side by side)."""
+    label, _, rest = spec.partition("=")
+    run_dir, _, log = rest.partition(":")
+    if split_label(label)[0] not in ROWS or not (Path(run_dir) / "06-evaluate" / "manifest.json").is_file():
+        raise SystemExit(f"bench: --add {spec}: want <row>[-seed<N>]=<finished run dir>[:<time -v log>]")
+    stages = stages_of(Path(run_dir))
+    wall, rss = time_log(Path(log)) if log else (sum(s["seconds"] for s in stages.values()), None)
+    r = row(label, stages, Path(run_dir), wall, rss)
+    return label, {**r, "conditions": note} if note else r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="../shared/assets/models/smollm2-135m-instruct-q4_1-gguf")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--only", nargs="*", default=list(ROWS), choices=list(ROWS), help="rows to (re)run")
+    ap.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="run the seeded rows of --only with these transform seeds, as <row>-seed<N> (0: the plain row); seeded: "
+        + ", ".join(sorted(SEEDED)),
+    )
+    ap.add_argument(
+        "--add",
+        nargs="*",
+        default=[],
+        metavar="ROW=RUN_DIR[:TIME_LOG]",
+        help="record runs made by hand (the row's recipe and overrides) instead of running --only",
+    )
+    ap.add_argument("--note", help="how the --add runs were made (stored as the rows' conditions)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every run")
     args = ap.parse_args()
     extra = [x for o in args.overrides for x in ("--set", o)]
@@ -122,11 +198,21 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.is_file() else {}
     kept = {r.get("label", Path(r["recipe"]).stem): r for r in old.get("runs", []) if old.get("model") == args.model}
     done: list[str] = []
-    rows = [kept[lab] for lab in ROWS if lab in kept]
-    for label in args.only:  # results.json is rewritten after every row: a killed bench keeps what it measured
+    if args.add:
+        added = dict(added_row(spec, args.note) for spec in args.add)
+        kept.update(added)
+        rows = ordered(kept)
+        date = time.strftime("%Y-%m-%d %H:%M")
+        doc = {"model": args.model, "machine": old.get("machine", machine), "date": date, "rerun": list(added)}
+        write_json(out, {**doc, "runs": rows})
+        args.only = []
+    seeds = args.seeds or [0]
+    labels = [f"{lab}-seed{n}" if n else lab for lab in args.only for n in seeds if not n or lab in SEEDED]
+    rows = ordered(kept)
+    for label in labels:  # results.json is rewritten after every row: a killed bench keeps what it measured
         kept[label] = run_one(label, args.model, ROOT / "bench" / "out", extra)
         done.append(label)
-        rows = [kept[lab] for lab in ROWS if lab in kept]
+        rows = ordered(kept)
         date = time.strftime("%Y-%m-%d %H:%M")
         write_json(out, {"model": args.model, "machine": machine, "date": date, "rerun": done, "runs": rows})
     print(f"{'row':28} {'quantize s':>10} {'peak RSS MB':>11} {'packed MB':>9} {'vs bf16':>7} {'ppl':>8} {'FP ppl':>8}")
