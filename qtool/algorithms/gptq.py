@@ -177,6 +177,25 @@ class _ColumnParams:
             self.zp_f[:, group] = z[:, 0].to(torch.float32)
 
 
+def residual_share(H: Tensor, damp: float = 0.01, act_order: bool = True) -> Tensor:
+    """Per input column ``j``: ``sqrt(d_j / H_jj)``, the fraction of a rounding error on column ``j`` that GPTQ
+    leaves in the layer's output (in RMS), float32 ``[in]``.
+
+    GPTQ's output error from column ``j`` is ``e_j² / U_jj²`` (``U`` the upper Cholesky factor of the damped
+    ``H⁻¹``), and ``d_j = 1 / U_jj²`` is the conditional variance of input ``j`` given the columns quantized after
+    it, which absorb the rest; round-to-nearest leaves ``e_j² H_jj``. Same damping and column order as
+    ``gptq_quantize``."""
+    H = H.detach().to(torch.float64).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(H.shape[0])
+    u = _inverse_cholesky(H[perm][:, perm], damp).to(torch.float64).diagonal()
+    damped = H.diagonal()[perm] + damp * H.diagonal().mean()
+    share = torch.empty_like(u)
+    share[perm] = (1.0 / (u.square() * damped)).sqrt()
+    return share.clamp(max=1.0).to(torch.float32)
+
+
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: ``[in, in]`` float32 from float64 ``H``."""
     mean_diag = H.diagonal().mean()

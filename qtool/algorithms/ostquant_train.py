@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
+from qtool.algorithms.gptq import residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
@@ -52,6 +53,12 @@ class TrainSettings:
     learn_clipping: bool = False
     lr_clip: float = 5e-3
     checkpoint_every: int = 10
+    # "gptq": the student's weight error is RTN's scaled per input column by GPTQ's residual share
+    # (``gptq.residual_share`` of the student's own input Hessians, refreshed every ``checkpoint_every`` iterations)
+    weight_error: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    hessian_windows: int = 16
 
 
 def weight_fake_quant(w: Tensor, args: QuantArgs) -> Tensor:
@@ -153,6 +160,9 @@ class Student:
         self.checkpointing, self.dtype = checkpointing, dtype
         self.layers = list(decoder_layers(model, spec))
         self.bases = [layer_parameters(layer, spec) for layer in self.layers]
+        # per layer {linear name: [in] share of its RTN error kept} (``weight_error: gptq``); empty: plain RTN
+        self.error_share: list[dict[str, Tensor]] = [{} for _ in self.layers]
+        self._full_precision_weights = False
         self._container = model.get_submodule(spec.layers)
         for i, layer in enumerate(self.layers):
             self._container[i] = _StudentLayer(self, i, layer)
@@ -189,10 +199,44 @@ class Student:
         dtype = next(iter(base.values())).dtype
         for key, value in layer_weights(base, self.t, i, self.spec, self.r4, dtype).items():
             name = key.removesuffix(".weight")
-            if key.endswith(".weight") and name in self.targets[i]:
-                value = weight_fake_quant(value, self.targets[i][name])
+            if key.endswith(".weight") and name in self.targets[i] and not self._full_precision_weights:
+                quantized = weight_fake_quant(value, self.targets[i][name])
+                share = self.error_share[i].get(name)
+                value = quantized if share is None else value + (quantized - value) * share.to(value.dtype)
             params[key] = value
         return params
+
+    @torch.no_grad()
+    def refresh_error_share(self, windows: Tensor, damp: float, act_order: bool) -> None:
+        """Set ``error_share`` from the input Hessians of the quantized linears over ``windows``: the inputs of the
+        transformed model with full-precision weights (activation/KV quantizers as configured), so they depend on
+        the transforms alone and a resumed run refreshes alike. Linears that read one input share it
+        (``ArchSpec.input_groups``)."""
+        hessians: dict[tuple[int, int], Tensor] = {}
+
+        def accumulate(key, _module, args):
+            x = args[0].detach().flatten(0, -2).double()
+            hessians[key] = hessians.get(key, 0) + x.T @ x
+
+        handles = []
+        for i, layer in enumerate(self.layers):
+            for g, (_, names) in enumerate(self.spec.input_groups):
+                if any(n in self.targets[i] for n in names):
+                    hook = functools.partial(accumulate, (i, g))
+                    handles.append(layer.get_submodule(names[0]).register_forward_pre_hook(hook))
+        self._full_precision_weights = True
+        try:
+            for ids in windows:
+                self.logits(ids.unsqueeze(0))
+        finally:
+            self._full_precision_weights = False
+            for h in handles:
+                h.remove()
+        for (i, g), h in hessians.items():
+            share = residual_share(h.cpu(), damp, act_order).to(h.device)
+            for name in self.spec.input_groups[g][1]:
+                if name in self.targets[i]:
+                    self.error_share[i][name] = share
 
     def logits(self, ids: Tensor) -> Tensor:
         if self.dtype == torch.float32:
@@ -249,6 +293,10 @@ def train(
     opt_c = torch.optim.Adam(t.clips(), lr=settings.lr_clip) if settings.learn_clipping else None
     start, losses = _resume(checkpoint, t, opt_r, opt_s, opt_c)
     for it in range(start, settings.iterations):
+        if settings.weight_error == "gptq" and it % settings.checkpoint_every == 0:  # resumes refresh alike
+            student.refresh_error_share(
+                windows[: settings.hessian_windows], settings.gptq_damp, settings.gptq_act_order
+            )
         ids = windows[it % len(windows)].unsqueeze(0)
         with torch.no_grad():
             target = teacher(ids)

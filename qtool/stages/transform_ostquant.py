@@ -22,7 +22,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qtool.algorithms.ostquant import OstShapes, OstTransforms, clip_ratios, fuse, weight_covariances, womi_rotation
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train
@@ -78,6 +78,12 @@ class OstQuantConfig(StageConfig):
         description="fake-quantize weights (RTN) in the student; false trains against activation/KV quantization "
         "only, as SpinQuant does when GPTQ quantizes the weights afterwards",
     )
+    weight_error: Literal["rtn", "gptq"] = Field(
+        "rtn",
+        description="the student's weight error (with train_weight_quant): rtn as is, or gptq — RTN's error scaled per "
+        "input column by the share GPTQ leaves in the output (sqrt of the column's conditional variance over its "
+        "variance, from the student's input Hessians, refreshed every checkpoint_every iterations)",
+    )
     online_rotations: tuple[Literal["r3", "r4"], ...] = Field(
         ("r3", "r4"),
         description="fixed online Hadamards; [] keeps the checkpoint free of online ops (W4A16 for vLLM)",
@@ -91,6 +97,12 @@ class OstQuantConfig(StageConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device (auto: cuda when present)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> OstQuantConfig:
+        if self.weight_error == "gptq" and not self.train_weight_quant:
+            raise ValueError("weight_error: gptq shapes the student's weight error; set train_weight_quant: true")
+        return self
 
 
 def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[str, Any]:
@@ -122,6 +134,8 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         learn_clipping=cfg.learn_clipping and _quantizes_activations(ctx.recipe.scheme),
         lr_clip=cfg.lr_clip,
         checkpoint_every=cfg.checkpoint_every,
+        weight_error=cfg.weight_error,
+        **_gptq_settings(ctx.recipe.quantize),
     )
     start = time.time()
     try:
@@ -214,6 +228,13 @@ def _init(model: torch.nn.Module, spec, cfg: OstQuantConfig, scheme: Scheme) -> 
         clip_act=act.clip_ratio if act else 1.0,
         clip_kv=kv.clip_ratio if kv else 1.0,
     )
+
+
+def _gptq_settings(quantize) -> dict[str, Any]:
+    """Damping and column order of the recipe's GPTQ (``weight_error: gptq`` mirrors them; GPTQ's defaults else)."""
+    if getattr(quantize, "method", None) == "gptq":
+        return {"gptq_damp": quantize.damp, "gptq_act_order": quantize.act_order}
+    return {}
 
 
 def _quantizes_activations(scheme: Scheme) -> bool:

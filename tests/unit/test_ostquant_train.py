@@ -70,9 +70,13 @@ def test_training_lowers_kl_and_keeps_orthogonality(setup):
     assert max(orthogonality_error(r) for r in student.t.r_ov.detach()) <= 1e-6
 
 
-def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
+@pytest.mark.parametrize("weight_error", ["rtn", "gptq"])
+def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path, weight_error):
+    """Also with ``weight_error: gptq``, whose per-column error shares are refreshed at checkpoint iterations."""
     make, teacher, windows = setup
-    settings = TrainSettings(iterations=6, checkpoint_every=3, top_k=100, learn_clipping=True)
+    settings = TrainSettings(
+        iterations=6, checkpoint_every=3, top_k=100, learn_clipping=True, weight_error=weight_error, hessian_windows=2
+    )
     full = make()
     train(full, teacher, windows, settings)
     full.close()
@@ -90,6 +94,13 @@ def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path):
     assert len(losses) == 6
     for a, b in zip(full.t.state_dict().values(), resumed.t.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    shares = [share for layer in resumed.error_share for share in layer.values()]
+    if weight_error == "gptq":  # every quantized linear, each input column's share in (0, 1]
+        assert len(shares) == 7 * len(resumed.layers)
+        assert all(0 < s.min() and s.max() <= 1 for s in shares)
+        assert min(s.min() for s in shares) < 0.9  # measured 0.22: correlated inputs leave little of the error
+    else:
+        assert not shares
 
 
 def test_learned_clipping_lowers_kl_within_bounds(setup):

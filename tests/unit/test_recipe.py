@@ -52,6 +52,10 @@ def test_overrides_are_validated_like_the_file():
         ({"calibration": {"dataset": "x", "n_samples": 0}}, "calibration.n_samples"),
         ({"evaluate": {"dataset": "valid.txt"}}, "same text"),
         ({"version": 2}, "version"),
+        (
+            {"transform": {"method": "ostquant", "weight_error": "gptq", "train_weight_quant": False}},
+            "transform: weight_error: gptq shapes the student's weight error; set train_weight_quant: true",
+        ),
     ],
 )
 def test_errors_name_the_yaml_path(patch, message):
