@@ -54,7 +54,8 @@ class TrainSettings:
     lr_clip: float = 5e-3
     checkpoint_every: int = 10
     # "gptq": the student's weight error is RTN's scaled per input column by GPTQ's residual share
-    # (``gptq.residual_share`` of the student's own input Hessians, refreshed every ``checkpoint_every`` iterations)
+    # (``gptq.residual_share`` of the input Hessians over the first ``hessian_windows`` windows, refreshed every
+    # ``checkpoint_every`` iterations)
     weight_error: str = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
