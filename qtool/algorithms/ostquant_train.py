@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
-from qtool.algorithms.gptq import residual_share
+from qtool.algorithms.gptq import HessianAccumulator, residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
@@ -213,11 +213,11 @@ class Student:
         transformed model with full-precision weights (activation/KV quantizers as configured), so they depend on
         the transforms alone and a resumed run refreshes alike. Linears that read one input share it
         (``ArchSpec.input_groups``)."""
-        hessians: dict[tuple[int, int], Tensor] = {}
+        hessians: dict[tuple[int, int], HessianAccumulator] = {}
 
         def accumulate(key, _module, args):
-            x = args[0].detach().flatten(0, -2).double()
-            hessians[key] = hessians.get(key, 0) + x.T @ x
+            x = args[0]
+            hessians.setdefault(key, HessianAccumulator.zeros(x.shape[-1], x.device)).add(x)
 
         handles = []
         for i, layer in enumerate(self.layers):
@@ -233,8 +233,8 @@ class Student:
             self._full_precision_weights = False
             for h in handles:
                 h.remove()
-        for (i, g), h in hessians.items():
-            share = residual_share(h.cpu(), damp, act_order).to(h.device)
+        for (i, g), acc in hessians.items():
+            share = residual_share(acc.hessian().cpu(), damp, act_order).to(acc.sum.device)
             for name in self.spec.input_groups[g][1]:
                 if name in self.targets[i]:
                     self.error_share[i][name] = share
