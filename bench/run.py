@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from qtool.recipe import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 # label -> (recipe, recipe overrides)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -45,9 +47,17 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
     "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
 }
-# rows whose transform draws from a seed (randomized Hadamards; OSTQuant starts from its seed's Hadamard): `--seeds`
-# reruns them as `<row>-seed<N>` rows with `transform.seed=N`, kept beside the seed-0 row
-SEEDED = {lab for lab, row in ROWS.items() if any(k in str(row) for k in ("ostquant", "quarot", "hadamard"))}
+
+
+def draws_from_seed(recipe: str, overrides: list[str]) -> bool:
+    """Whether the row's resolved transform depends on ``transform.seed``: randomized Hadamards, and OSTQuant (which
+    starts from its seed's Hadamard and samples its training windows with it)."""
+    transform = load_recipe(ROOT / recipe, overrides).transform
+    return transform.method == "ostquant" or (transform.method == "hadamard" and transform.random)
+
+
+# `--seeds` reruns these rows as `<row>-seed<N>` rows with `transform.seed=N`, kept beside the seed-0 row
+SEEDED = {lab for lab, (recipe, extra) in ROWS.items() if draws_from_seed(recipe, extra)}
 
 
 def split_label(label: str) -> tuple[str, int | None]:

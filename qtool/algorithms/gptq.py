@@ -113,8 +113,7 @@ def gptq_quantize(
     H = H.detach().to(device=W.device, dtype=torch.float64).clone()
     if not torch.isfinite(H).all():
         raise ValueError("Hessian contains inf or nan")
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    dead, perm = _column_order(H, act_order)
     W[:, dead] = 0.0
 
     if dynamic_groups:
@@ -124,12 +123,11 @@ def gptq_quantize(
         scale, zp = compute_qparams(W, args, scale_dtype=scale_dtype)
     params = _ColumnParams.create(scale, zp, args, in_features, scale_dtype)
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         params.group_of = [params.group_of[p] for p in perm.tolist()]
 
-    hinv = _inverse_cholesky(H, damp)
+    hinv, _ = _inverse_cholesky(H, damp)
     Q = _gptq_loop(W, hinv, params, args, block_size, dynamic_groups)
 
     if perm is not None:
@@ -186,18 +184,30 @@ def residual_share(H: Tensor, damp: float = 0.01, act_order: bool = True) -> Ten
     it, which absorb the rest; round-to-nearest leaves ``e_j² H_jj``. Same damping and column order as
     ``gptq_quantize``."""
     H = H.detach().to(torch.float64).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(H.shape[0])
-    u = _inverse_cholesky(H[perm][:, perm], damp).to(torch.float64).diagonal()
-    damped = H.diagonal()[perm] + damp * H.diagonal().mean()
+    _, perm = _column_order(H, act_order)
+    if perm is None:
+        perm = torch.arange(H.shape[0], device=H.device)
+    upper, added = _inverse_cholesky(H[perm][:, perm], damp)
+    u = upper.to(torch.float64).diagonal()
+    damped = H.diagonal()[perm] + added
     share = torch.empty_like(u)
     share[perm] = (1.0 / (u.square() * damped)).sqrt()
     return share.clamp(max=1.0).to(torch.float32)
 
 
-def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: ``[in, in]`` float32 from float64 ``H``."""
+def _column_order(H: Tensor, act_order: bool) -> tuple[Tensor, Tensor | None]:
+    """GPTQ's preparation of a float64 Hessian, shared by ``gptq_quantize`` and ``residual_share``: columns never
+    activated (``diag H == 0``) get ``H_jj = 1`` (in place) so the inverse exists; returns their mask and the
+    act-order column permutation (decreasing ``diag H``, stable), or None for the natural order."""
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    return dead, perm
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: ``[in, in]`` float32 from float64 ``H``,
+    and the amount added to the diagonal (larger than ``damp * mean(diag H)`` when a retry was needed)."""
     mean_diag = H.diagonal().mean()
     for factor in _DAMP_RETRY_FACTORS:
         damped = H.clone()
@@ -209,7 +219,7 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
             lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
             upper, info = torch.linalg.cholesky_ex(lower_inv.T @ lower_inv, upper=True)
             if info.item() == 0:
-                return upper.to(torch.float32)
+                return upper.to(torch.float32), float(damp * factor * mean_diag)
         logger.warning("Hessian not positive definite with damp=%g; retrying with more dampening", damp * factor)
     raise ValueError(
         f"Hessian is not positive definite even with damp={damp * _DAMP_RETRY_FACTORS[-1]:g}; "

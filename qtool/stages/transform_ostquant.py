@@ -29,7 +29,7 @@ from qtool.algorithms.ostquant_train import Student, TrainSettings, train
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.artifacts import load_tensors, save_tensors
-from qtool.models.arch import decoder_layers
+from qtool.models.arch import ArchSpec, decoder_layers
 from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
 from qtool.schemes import Scheme
 from qtool.stages.base import StageConfig, StageContext
@@ -212,7 +212,7 @@ def apply_ostquant(ctx: StageContext, path) -> None:
     _set_clip_ratios(ctx.model, ctx.spec, t)
 
 
-def _init(model: torch.nn.Module, spec, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
+def _init(model: torch.nn.Module, spec: ArchSpec, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
     sh = OstShapes.of(model.config)
     gen = torch.Generator().manual_seed(cfg.seed)
     r_res, _ = make_rotation(sh.hidden, gen)

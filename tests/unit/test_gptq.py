@@ -173,3 +173,22 @@ def test_residual_share_is_the_conditional_std_ratio(
     predicted = float((e2 * share.square() * diag).sum() / (e2 * diag).sum())
     # measured 0.269 vs predicted 0.367 (act order), 0.669 vs 0.708: GPTQ's updates also shrink later errors
     assert measured < predicted < 1.4 * measured
+
+
+def test_residual_share_uses_the_retried_damping(caplog: pytest.LogCaptureFixture) -> None:
+    """A Hessian that ``damp`` alone cannot make positive definite is retried with 10x the damping (as
+    ``gptq_quantize`` does); the shares then follow the Schur complement of the matrix actually inverted."""
+    from qtool.algorithms.gptq import residual_share
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    h = a @ a.T  # rank 8 of 16
+    h -= 0.05 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)  # 0.01 of damping leaves it indefinite
+    with caplog.at_level("WARNING", logger="qtool.algorithms.gptq"):
+        share = residual_share(h, 0.01, act_order=False).double()
+    assert "retrying with more dampening" in caplog.text
+    hd = h + 0.1 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    for j in (0, 5, 14):
+        later = torch.arange(j + 1, 16)
+        cond = hd[j, j] - hd[j, later] @ torch.linalg.solve(hd[later][:, later], hd[later, j])
+        assert share[j].item() == pytest.approx((cond / hd[j, j]).sqrt().item(), rel=1e-4)
