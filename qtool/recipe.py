@@ -88,6 +88,11 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        if getattr(self.transform, "weight_error", "rtn") == "gptq" and self.quantize.method != "gptq":
+            raise ValueError(
+                "transform.weight_error: gptq trains the transforms for GPTQ's weight error but quantize.method is "
+                f"{self.quantize.method}; set quantize.method: gptq or transform.weight_error: rtn"
+            )
         cal, ev = self.calibration, self.evaluate
         if ev is None:
             return self

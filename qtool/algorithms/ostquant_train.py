@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -56,7 +57,7 @@ class TrainSettings:
     # "gptq": the student's weight error is RTN's scaled per input column by GPTQ's residual share
     # (``gptq.residual_share`` of the input Hessians over the first ``hessian_windows`` windows, refreshed every
     # ``checkpoint_every`` iterations)
-    weight_error: str = "rtn"
+    weight_error: Literal["rtn", "gptq"] = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     hessian_windows: int = 16

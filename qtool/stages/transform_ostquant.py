@@ -34,7 +34,7 @@ from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
 from qtool.schemes import Scheme
 from qtool.stages.base import StageConfig, StageContext
 from qtool.stages.calibrate import calibration_inputs
-from qtool.stages.quantize import attach_quantizers, detach_quantizers
+from qtool.stages.quantize import GptqConfig, RtnConfig, attach_quantizers, detach_quantizers
 from qtool.targets import plan_targets
 
 TRANSFORMS = "ostquant.safetensors"
@@ -230,9 +230,10 @@ def _init(model: torch.nn.Module, spec: ArchSpec, cfg: OstQuantConfig, scheme: S
     )
 
 
-def _gptq_settings(quantize) -> dict[str, Any]:
-    """Damping and column order of the recipe's GPTQ (``weight_error: gptq`` mirrors them; GPTQ's defaults else)."""
-    if getattr(quantize, "method", None) == "gptq":
+def _gptq_settings(quantize: RtnConfig | GptqConfig) -> dict[str, Any]:
+    """Damping and column order of the recipe's GPTQ, which ``weight_error: gptq`` mirrors (the recipe refuses
+    ``weight_error: gptq`` without GPTQ)."""
+    if quantize.method == "gptq":
         return {"gptq_damp": quantize.damp, "gptq_act_order": quantize.act_order}
     return {}
 

@@ -56,6 +56,10 @@ def test_overrides_are_validated_like_the_file():
             {"transform": {"method": "ostquant", "weight_error": "gptq", "train_weight_quant": False}},
             "transform: weight_error: gptq shapes the student's weight error; set train_weight_quant: true",
         ),
+        (
+            {"transform": {"method": "ostquant", "weight_error": "gptq"}, "quantize": {"method": "rtn"}},
+            "transform.weight_error: gptq trains the transforms for GPTQ's weight error but quantize.method is rtn",
+        ),
     ],
 )
 def test_errors_name_the_yaml_path(patch, message):
