@@ -72,7 +72,7 @@ def test_gptq_aware_student_beats_hadamard_under_gptq(tmp_path):
     """W4A16 (int4 g32) + GPTQ: a student whose weight error is GPTQ's residual share (`weight_error: gptq`) beats
     the Hadamard it starts from. Measured (10,220 tokens, FP 4.002), seeds 0-4: hadamard 4.355 / 4.431 / 4.307 /
     4.365 / 4.408, OSTQuant 4.310 / 4.335 / 4.248 / 4.288 / 4.263; with the plain RTN student (seeds 0-2) 4.307 /
-    4.355 / 4.367, i.e. not better than its start under GPTQ."""
+    4.355 / 4.367, which loses seed 2 to its start."""
     require(STORIES, TINYSTORIES)
     w4a16 = {"preset": "W4A16", "weights": {"group_size": 32}, "group_fallback": "channel"}
     common = {"scheme": w4a16, "quantize": {"method": "gptq"}, "outliers": {"method": "none"}}
