@@ -21,12 +21,20 @@ def register(app: typer.Typer) -> None:
 
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="HF model dir, .gguf file, hub id, or a run directory."),
-    tasks: str = typer.Option(
-        "wikitext2",
+    tasks: str | None = typer.Option(
+        None,
         "--tasks",
         "-t",
-        help="Comma-separated: wikitext2,tinystories,piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,boolq.",
+        help="Comma-separated: wikitext2,tinystories,piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,boolq "
+        "(default wikitext2, or none when --text is given).",
     ),
+    text: list[Path] | None = typer.Option(
+        None,
+        "--text",
+        help="Also score token perplexity on this text file (.txt, WikiText wiki.*.raw, or .jsonl); repeatable. "
+        "Reported as task text:<path>.",
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="The field a .jsonl --text file holds its text in."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="lm-eval tasks: score only the first N items."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="lm-eval batch size."),
     seqlen: int | None = typer.Option(None, "--seqlen", min=2, help="Perplexity window (default 2048 or context)."),
@@ -47,7 +55,9 @@ def eval_command(
     if not verbose:  # lm-eval warns per task about things qtool already handles (custom datasets, passed-in model)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
-        doc = _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenizer, dtype)
+        doc = _run(
+            model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenizer, dtype, text or [], text_field
+        )
     except QtoolError as e:
         raise fail(str(e)) from e
     console.print(results_table(doc))
@@ -58,18 +68,25 @@ def eval_command(
         console.print(f"results written to {json_out}")
 
 
-def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenizer, dtype) -> dict:
+def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenizer, dtype, texts, text_field) -> dict:
     from qtool.eval.lmeval import offline
     from qtool.eval.results import evaluate
     from qtool.eval.tasks import default_data_dir, parse_tasks, task_files
     from qtool.models.loading import DTYPES, load_model, model_identity
 
-    names = parse_tasks(tasks)
-    data_dir = data_dir or default_data_dir()
-    if data_dir is None:
-        raise QtoolError("data: no evaluation data directory found; pass --data-dir (or set QTOOL_DATA_DIR)")
+    if tasks is None:
+        names = [] if texts else ["wikitext2"]
+    else:
+        names = parse_tasks(tasks)
+    if names:
+        data_dir = data_dir or default_data_dir()
+        if data_dir is None:
+            raise QtoolError("data: no evaluation data directory found; pass --data-dir (or set QTOOL_DATA_DIR)")
     for name in names:  # fail on a missing file before loading the model
         task_files(name, data_dir)
+    for path in texts:
+        if not path.expanduser().is_file():
+            raise QtoolError(f"--text: file {path} does not exist; pass an existing text or jsonl file")
     if dtype not in DTYPES:
         raise QtoolError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     with offline():
@@ -90,6 +107,8 @@ def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenize
                 max_tokens=max_tokens,
                 progress=bars.report,
                 model_info=info,
+                texts=texts,
+                text_field=text_field,
             )
 
 

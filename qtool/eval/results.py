@@ -23,11 +23,11 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from qtool.data import file_sha256, load_text, tokenize
+from qtool.data import detect_format, file_sha256, load_text, tokenize
 from qtool.errors import QtoolError
 from qtool.eval.lmeval import BOOTSTRAP_ITERS, offline, run_lm_eval
 from qtool.eval.perplexity import Perplexity, default_seqlen, token_perplexity
@@ -36,6 +36,7 @@ from qtool.eval.tasks import TASKS_DIR, get_task, task_files
 log = logging.getLogger(__name__)
 
 SCHEMA = "qtool.results/1"
+TEXT_PREFIX = "text:"  # task name of a user text file's perplexity: ``text:<path as given>``
 _PACKAGES = {
     "qtool": "qtool",
     "torch": "torch",
@@ -67,22 +68,32 @@ def evaluate(
     model,
     tokenizer,
     tasks: list[str],
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     limit: int | None = None,
     batch_size: int = 1,
     seqlen: int | None = None,
     max_tokens: int | None = None,
     progress: Progress | None = None,
     model_info: dict | None = None,
+    texts: Sequence[str | Path] = (),
+    text_field: str = "text",
 ) -> dict:
-    """Evaluate ``model`` on ``tasks`` (registry names) and return the results document (module docstring).
+    """Evaluate ``model`` on ``tasks`` (registry names) and on the user's own ``texts`` (text or jsonl files, token
+    perplexity, reported as task ``text:<path as given>``) and return the results document (module docstring).
 
     Perplexity tasks use ``seqlen`` (default: ``default_seqlen``) and the ``max_tokens`` budget (default: the whole
     corpus); lm-eval tasks use ``limit`` (first N documents) and ``batch_size``. ``progress(task, done, total)``
-    is called as perplexity windows finish and around each lm-eval batch of tasks.
+    is called as perplexity windows finish and around each lm-eval batch of tasks. A ``.jsonl`` text is read from
+    its ``text_field``; a ``wiki.*.raw`` file as WikiText; anything else as plain text (``qtool.data.load_text``).
     """
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if tasks and data_dir is None:
+        raise QtoolError("data: no evaluation data directory found; pass --data-dir (or set QTOOL_DATA_DIR)")
     files = {t: task_files(t, data_dir) for t in tasks}  # every file checked before any expensive work
+    text_tasks = {f"{TEXT_PREFIX}{p}": Path(p).expanduser() for p in texts}
+    for path in text_tasks.values():
+        if not path.is_file():
+            raise QtoolError(f"--text: file {path} does not exist; pass an existing text or jsonl file")
     started = time.time()
     metrics: dict[str, dict] = {}
     task_info: dict[str, dict] = {}
@@ -106,7 +117,18 @@ def evaluate(
             metrics.update(run_lm_eval(model, tokenizer, lm_tasks, data_dir, limit, batch_size))
             if progress:
                 progress("lm-eval: " + ",".join(lm_tasks), 1, 1)
-    log.info("evaluated %s in %.1f s", ",".join(tasks), time.time() - started)
+        for name, path in text_tasks.items():
+            fmt = detect_format(path)
+            text = load_text(path, fmt, text_field=text_field, field="--text")
+            ids = tokenize(tokenizer, text)
+            report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+            ppl = token_perplexity(model, ids, default_seqlen(model, seqlen), max_tokens, progress=report)
+            metrics[name], extra = perplexity_entry(ppl, max_tokens)
+            task_info[name] = {"files": {str(path): file_sha256(path)}, "format": fmt, **extra}
+            if fmt == "jsonl":
+                task_info[name]["text_field"] = text_field
+    names = [*tasks, *text_tasks]
+    log.info("evaluated %s in %.1f s", ",".join(names), time.time() - started)
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -121,7 +143,7 @@ def evaluate(
             "bootstrap_iters": BOOTSTRAP_ITERS,
         },
         "tasks": task_info,
-        "metrics": {t: metrics[t] for t in tasks},
+        "metrics": {t: metrics[t] for t in names},
     }
 
 

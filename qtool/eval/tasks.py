@@ -116,7 +116,9 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise QtoolError(f"tasks: unknown task '{name}'; use one of {', '.join(TASKS)}")
+        raise QtoolError(
+            f"tasks: unknown task '{name}'; use one of {', '.join(TASKS)} (or --text FILE for your own text)"
+        )
     return TASKS[name]
 
 

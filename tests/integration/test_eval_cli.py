@@ -18,6 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from qtool.cli import eval_cmd, regress_cmd
+from qtool.data import file_sha256
 from qtool.eval import tasks as task_registry
 from qtool.eval.tasks import TASKS, TASKS_DIR, find_assets_dir, load_docs
 
@@ -179,6 +180,34 @@ def test_eval_numbers_and_provenance(fp_results) -> None:
     assert doc["tasks"]["piqa"]["limit"] == 50 and doc["tasks"]["wikitext2"]["windows"] == 8
     assert set(doc["versions"]) >= {"qtool", "torch", "transformers", "lm_eval"}
     assert doc["model"]["identity"] and doc["model"]["kind"] == "dir"
+
+
+@needs_assets
+def test_text_file_scores_like_the_registry_task(app, runner, fp_results, tmp_path, monkeypatch) -> None:
+    """``--text FILE`` scores a user's own file with the same token perplexity: the TinyStories file given as a
+    path, and the same text as the one record of a jsonl file (``--text-field``), reproduce the registry task's
+    number exactly; with only ``--text`` no data directory is needed."""
+    monkeypatch.setattr(task_registry, "default_data_dir", lambda: None)
+    story = DATA / TASKS["tinystories"].files[0]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text(json.dumps({"body": story.read_text(encoding="utf-8")}) + "\n", encoding="utf-8")
+    out = tmp_path / "text.json"
+    args = ["eval", "--model", str(MODEL), "--text", str(story), "--text", str(jsonl), "--text-field", "body"]
+    result = runner.invoke(app, [*args, "--json", str(out), *BUDGET])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert list(doc["metrics"]) == [f"text:{story}", f"text:{jsonl}"]  # no default wikitext2 beside --text
+    want = json.loads(fp_results.read_text())["metrics"]["tinystories"]["token_ppl"]
+    for name in doc["metrics"]:
+        assert doc["metrics"][name]["token_ppl"] == want, name  # value and n identical (measured 3.768325)
+    assert doc["tasks"][f"text:{story}"]["format"] == "raw" and doc["tasks"][f"text:{jsonl}"]["text_field"] == "body"
+    assert doc["tasks"][f"text:{story}"]["files"] == {str(story): file_sha256(story)}
+
+
+def test_missing_text_file_exits_2(app, runner, tmp_path) -> None:
+    result = runner.invoke(app, ["eval", "--model", "x", "--text", str(tmp_path / "nope.txt")])
+    line = _one_line_error(result)
+    assert line.count("--text") == 1 and "nope.txt does not exist" in line
 
 
 @needs_assets
