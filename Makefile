@@ -42,6 +42,7 @@ regress: install
 
 lint: install
 	$(BIN)/ruff check qtool tests bench
+	$(BIN)/ruff format --check .
 
 schema-docs: install
 	$(BIN)/python -m qtool.docs_gen docs/recipes.md
