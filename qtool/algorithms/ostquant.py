@@ -58,6 +58,9 @@ class OstShapes:
 
 CLIP_SITES = 4  # dynamic input quantizers per decoder layer: ArchSpec.input_groups
 CLIP_MIN = 0.3  # lower bound of a learned clipping ratio
+# transforms added after the first release: a transforms file or training checkpoint without them predates them,
+# and they stay at identity when such a file is applied
+LATER_TRANSFORMS = frozenset({"log_s_qk"})
 
 
 class OstTransforms(nn.Module):
@@ -85,6 +88,8 @@ class OstTransforms(nn.Module):
         self.log_s_ffn = nn.Parameter(torch.zeros(n, d, dtype=dtype))
         self.log_s_ov = nn.Parameter(torch.zeros(n, shapes.kv_heads * hd, dtype=dtype))
         self.log_s_ud = nn.Parameter(torch.zeros(n, shapes.intermediate, dtype=dtype))
+        # S_qk: one scale per KV head and RoPE pair (dims j and j + hd/2 rotate together, so they share it)
+        self.log_s_qk = nn.Parameter(torch.zeros(n, shapes.kv_heads * (hd // 2), dtype=dtype))
         self.clip_act = nn.Parameter(torch.full((n, CLIP_SITES), clip_act, dtype=dtype))
         self.clip_kv = nn.Parameter(torch.full((n,), clip_kv, dtype=dtype))
 
@@ -92,7 +97,7 @@ class OstTransforms(nn.Module):
         return [self.r_res, self.r_ov]
 
     def scales(self) -> list[nn.Parameter]:
-        return [self.log_s_attn, self.log_s_ffn, self.log_s_ov, self.log_s_ud]
+        return [self.log_s_attn, self.log_s_ffn, self.log_s_ov, self.log_s_ud, self.log_s_qk]
 
     def clips(self) -> list[nn.Parameter]:
         return [self.clip_act, self.clip_kv]
@@ -146,6 +151,15 @@ def layer_weights(
         out[f"{name}.weight"] = ((w(name) * gain_a) @ r) * s_attn
     for name in (spec.gate_proj, spec.up_proj):
         out[f"{name}.weight"] = ((w(name) * gain_m) @ r) * s_ffn
+    # S_qk: query rows of every head · s of its KV head, key rows / s. RoPE turns the pair (j, j + hd/2) by an
+    # angle, which commutes with scaling both by one number, so q·k (and the scores) are unchanged.
+    half = t.log_s_qk[i].to(dtype).exp().view(sh.kv_heads, hd // 2)
+    s_k = torch.cat([half, half], dim=1)
+    s_q = s_k.repeat_interleave(sh.heads // sh.kv_heads, dim=0)  # query head h reads KV head h // group
+    for name, s, heads in ((spec.q_proj, s_q, sh.heads), (spec.k_proj, 1.0 / s_k, sh.kv_heads)):
+        out[f"{name}.weight"] = (out[f"{name}.weight"].unflatten(0, (heads, hd)) * s.unsqueeze(-1)).flatten(0, 1)
+        if f"{name}.bias" in cast:
+            out[f"{name}.bias"] = (cast[f"{name}.bias"].view(heads, hd) * s).flatten()
     out[f"{spec.attn_norm}.weight"] = 1.0 / s_attn
     out[f"{spec.mlp_norm}.weight"] = 1.0 / s_ffn
     # values: per KV head, rows diag(1/s) R_ovᵀ W_v,h

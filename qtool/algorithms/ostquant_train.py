@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
 from qtool.algorithms.gptq import HessianAccumulator, residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
-from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
+from qtool.algorithms.ostquant import LATER_TRANSFORMS, OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
 from qtool.models.arch import ArchSpec, decoder_layers
 from qtool.schemes import QuantArgs
@@ -51,6 +51,7 @@ class TrainSettings:
     top_k: int = 1000
     learn_rotation: bool = True
     learn_scaling: bool = True
+    learn_qk_scaling: bool = False  # S_qk too (with learn_scaling); off: it stays 1
     learn_clipping: bool = False
     lr_clip: float = 5e-3
     checkpoint_every: int = 10
@@ -284,14 +285,15 @@ def train(
     t = student.t
     for p in t.orthogonal():
         p.requires_grad_(settings.learn_rotation)
+    scales = [p for p in t.scales() if settings.learn_qk_scaling or p is not t.log_s_qk]
     for p in t.scales():
-        p.requires_grad_(settings.learn_scaling)
+        p.requires_grad_(settings.learn_scaling and any(p is q for q in scales))
     for p in t.clips():
         p.requires_grad_(settings.learn_clipping)
     opt_r = None
     if settings.learn_rotation:
         opt_r = CayleyAdam(t.orthogonal(), lr=settings.lr_rotation, max_angle=settings.max_angle)
-    opt_s = torch.optim.Adam(t.scales(), lr=settings.lr_scale) if settings.learn_scaling else None
+    opt_s = torch.optim.Adam(scales, lr=settings.lr_scale) if settings.learn_scaling else None
     opt_c = torch.optim.Adam(t.clips(), lr=settings.lr_clip) if settings.learn_clipping else None
     start, losses = _resume(checkpoint, t, opt_r, opt_s, opt_c)
     for it in range(start, settings.iterations):
@@ -339,6 +341,9 @@ def _resume(path: Path | None, t: OstTransforms, *opts) -> tuple[int, list[float
     if path is None or not path.is_file():
         return 0, []
     state = torch.load(path, weights_only=True)
+    if set(t.state_dict()) - set(state["transforms"]):  # an older qtool's checkpoint: its optimizer states differ
+        log.warning("ostquant: %s predates transforms %s; training restarts", path, sorted(LATER_TRANSFORMS))
+        return 0, []
     t.load_state_dict(state["transforms"])
     for key, opt in zip(_OPTIMIZERS, opts, strict=True):
         if opt is not None and state.get(key) is not None:

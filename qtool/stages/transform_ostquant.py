@@ -24,11 +24,20 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from qtool.algorithms.ostquant import OstShapes, OstTransforms, clip_ratios, fuse, weight_covariances, womi_rotation
+from qtool.algorithms.ostquant import (
+    LATER_TRANSFORMS,
+    OstShapes,
+    OstTransforms,
+    clip_ratios,
+    fuse,
+    weight_covariances,
+    womi_rotation,
+)
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.artifacts import load_tensors, save_tensors
+from qtool.errors import QtoolError
 from qtool.models.arch import ArchSpec, decoder_layers
 from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
 from qtool.schemes import Scheme
@@ -66,6 +75,11 @@ class OstQuantConfig(StageConfig):
     )
     learn_rotation: bool = Field(True, description="train R_res/R_ov (false: they stay the Hadamard init)")
     learn_scaling: bool = Field(True, description="train S_attn, S_ffn, S_ov, S_u|d (false: they stay 1)")
+    learn_qk_scaling: bool = Field(
+        False,
+        description="also train S_qk (query/key scales per RoPE pair; they act only through the KV cache quantizer); "
+        "needs learn_scaling",
+    )
     learn_clipping: bool = Field(
         True,
         description="train a clipping ratio per layer for each dynamic activation quantizer (4 input sites) and the "
@@ -102,6 +116,8 @@ class OstQuantConfig(StageConfig):
     def _check(self) -> OstQuantConfig:
         if self.weight_error == "gptq" and not self.train_weight_quant:
             raise ValueError("weight_error: gptq shapes the student's weight error; set train_weight_quant: true")
+        if self.learn_qk_scaling and not self.learn_scaling:
+            raise ValueError("learn_qk_scaling trains one of the scales; set learn_scaling: true")
         return self
 
 
@@ -131,6 +147,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         top_k=cfg.top_k,
         learn_rotation=cfg.learn_rotation,
         learn_scaling=cfg.learn_scaling,
+        learn_qk_scaling=cfg.learn_qk_scaling,
         learn_clipping=cfg.learn_clipping and _quantizes_activations(ctx.recipe.scheme),
         lr_clip=cfg.lr_clip,
         checkpoint_every=cfg.checkpoint_every,
@@ -206,7 +223,10 @@ def apply_ostquant(ctx: StageContext, path) -> None:
     rotations = online_rotations(kinds, online)
     r4 = rotations.get("r4")
     t = OstTransforms(OstShapes.of(ctx.model.config), tensors["r_res"])
-    t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")})
+    missing, _ = t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")}, strict=False)
+    absent = sorted(set(missing) - LATER_TRANSFORMS)  # a file from an older qtool lacks only transforms added since
+    if absent:
+        raise QtoolError(f"{path}: missing transform tensors {absent}; rerun with --from-stage transform")
     attach_rotations(ctx.model, ctx.spec, rotations)
     fuse(ctx.model, ctx.spec, t, r4.dense() if r4 else None)
     _set_clip_ratios(ctx.model, ctx.spec, t)

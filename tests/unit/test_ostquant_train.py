@@ -70,6 +70,37 @@ def test_training_lowers_kl_and_keeps_orthogonality(setup):
     assert max(orthogonality_error(r) for r in student.t.r_ov.detach()) <= 1e-6
 
 
+def test_s_qk_trains_only_when_asked(setup):
+    """S_qk reaches the loss through the KV-cache quantizer (the student quantizes keys): with
+    ``learn_qk_scaling`` it moves; by default it stays exactly 1 while the other scales train."""
+    make, teacher, windows = setup
+    for flag in (False, True):
+        with make() as student:
+            train(student, teacher, windows[:2], TrainSettings(iterations=2, top_k=100, learn_qk_scaling=flag))
+        moved = student.t.log_s_qk.detach().abs().max().item()
+        assert (moved > 1e-4) if flag else (moved == 0.0), (flag, moved)  # measured 0.015: two Adam steps at lr 1e-2
+        assert student.t.log_s_ud.detach().abs().max().item() > 1e-4
+
+
+def test_checkpoint_from_before_s_qk_restarts_training(setup, tmp_path):
+    """A training checkpoint written before S_qk existed (no ``log_s_qk``, four scale tensors in the optimizer
+    state) cannot resume this run's optimizer: training restarts from iteration 0 and ends where a fresh run does."""
+    make, teacher, windows = setup
+    settings = TrainSettings(iterations=3, checkpoint_every=3, top_k=100)
+    with make() as full:
+        train(full, teacher, windows, settings, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["transforms"]["log_s_qk"]
+    state["opt_s"]["param_groups"][0]["params"] = state["opt_s"]["param_groups"][0]["params"][:4]
+    state["opt_s"]["state"].pop(4, None)
+    torch.save(state, tmp_path / "old.pt")
+    with make() as restarted:
+        losses = train(restarted, teacher, windows, settings, tmp_path / "old.pt")
+    assert len(losses) == 3 and losses[0] == state["losses"][0]
+    for a, b in zip(full.t.state_dict().values(), restarted.t.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("weight_error", ["rtn", "gptq"])
 def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path, weight_error):
     """Also with ``weight_error: gptq``, whose per-column error shares are refreshed at checkpoint iterations."""

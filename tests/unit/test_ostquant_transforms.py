@@ -1,7 +1,10 @@
 """OSTQuant's orthogonal + scaling transforms are exact equivalences: with arbitrary orthogonal R_res/R_ov and
-arbitrary positive scales, the fused float64 stories260K model (GQA: 8 heads, 4 KV heads) gives the same logits."""
+arbitrary positive scales (S_attn, S_ffn, S_ov, S_u|d, S_qk), the fused float64 stories260K model (GQA: 8 heads,
+4 KV heads) gives the same logits."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -53,6 +56,24 @@ def test_fused_transforms_keep_logits(model64):
     assert not torch.allclose(model64.model.layers[0].input_layernorm.weight, torch.ones(64, dtype=torch.float64))
 
 
+def test_fused_transforms_keep_logits_with_qkv_biases(model64):
+    """Qwen2's layout: q/k/v projections with biases (the value bias turns with R_ov and S_ov, the query/key
+    biases scale with S_qk per RoPE pair). Random biases, random transforms: logits unchanged."""
+    spec = spec_for(model64.config)
+    g = torch.Generator().manual_seed(3)
+    for layer in decoder_layers(model64, spec):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(layer.self_attn, name)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=torch.float64)
+            new.weight.data.copy_(old.weight)
+            new.bias.data.copy_(torch.randn(old.out_features, generator=g, dtype=torch.float64) * 0.5)
+            setattr(layer.self_attn, name, new.requires_grad_(False))
+    ref = _logits(model64)
+    fuse(model64, spec, _random_transforms(model64, seed=1), None)
+    diff = (_logits(model64) - ref).abs().max().item()
+    assert diff < 1e-9, diff
+
+
 def test_layer_weights_are_differentiable_and_identity_at_init(model64):
     spec = spec_for(model64.config)
     layer = decoder_layers(model64, spec)[0]
@@ -66,7 +87,7 @@ def test_layer_weights_are_differentiable_and_identity_at_init(model64):
     t32 = OstTransforms(sh, torch.eye(sh.hidden), dtype=torch.float32)
     out = layer_weights(base, t32, 0, spec, None, torch.float32)
     sum(v.square().sum() for v in out.values()).backward()
-    assert all(p.grad is not None for p in (t32.r_res, t32.r_ov, t32.log_s_attn, t32.log_s_ov, t32.log_s_ud))
+    assert all(p.grad is not None for p in [t32.r_res, t32.r_ov, *t32.scales()])
 
 
 def test_womi_init_spreads_weight_energy_evenly_and_keeps_logits(model64):
@@ -102,3 +123,30 @@ def test_womi_init_spreads_weight_energy_evenly_and_keeps_logits(model64):
     ref = _logits(model64)
     fuse(model64, spec, OstTransforms(sh, r_res, r_ov, dtype=torch.float64), None)
     assert (_logits(model64) - ref).abs().max().item() < 1e-9
+
+
+def test_transforms_file_from_before_s_qk_applies_with_identity_s_qk(model64, tmp_path):
+    """``ostquant.safetensors`` written before S_qk existed lacks ``log_s_qk``: applying it fuses everything else
+    with S_qk = 1 (the model it described); a file missing any other transform is refused, naming the fix."""
+    from types import SimpleNamespace
+
+    from qtool.artifacts import save_tensors
+    from qtool.errors import QtoolError
+    from qtool.stages.transform_ostquant import apply_ostquant
+
+    spec = spec_for(model64.config)
+    t = _random_transforms(model64).float()
+    with torch.no_grad():
+        t.log_s_qk.zero_()
+    old = {k: v.contiguous() for k, v in t.state_dict().items() if k != "log_s_qk"}
+    save_tensors(tmp_path / "old.safetensors", old, metadata={"kinds": "{}", "losses": "[]"})
+    ref = _logits(model64)
+    applied = copy.deepcopy(model64)
+    apply_ostquant(SimpleNamespace(model=applied, spec=spec), tmp_path / "old.safetensors")
+    fuse(model64, spec, t, None)
+    assert (_logits(applied) - _logits(model64)).abs().max().item() < 1e-12, "applied file differs from fuse"
+    assert (_logits(applied) - ref).abs().max().item() < 1e-4  # float32 transforms fused into the float64 model
+    del old["r_ov"]
+    save_tensors(tmp_path / "bad.safetensors", old, metadata={"kinds": "{}", "losses": "[]"})
+    with pytest.raises(QtoolError, match=r"missing transform tensors \['r_ov'\]; rerun with --from-stage transform"):
+        apply_ostquant(SimpleNamespace(model=applied, spec=spec), tmp_path / "bad.safetensors")

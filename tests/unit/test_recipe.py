@@ -57,6 +57,10 @@ def test_overrides_are_validated_like_the_file():
             "transform: weight_error: gptq shapes the student's weight error; set train_weight_quant: true",
         ),
         (
+            {"transform": {"method": "ostquant", "learn_qk_scaling": True, "learn_scaling": False}},
+            "transform: learn_qk_scaling trains one of the scales; set learn_scaling: true",
+        ),
+        (
             {"transform": {"method": "ostquant", "weight_error": "gptq"}, "quantize": {"method": "rtn"}},
             "transform.weight_error: gptq trains the transforms for GPTQ's weight error but quantize.method is rtn",
         ),
