@@ -70,7 +70,7 @@ def eval_command(
 
 def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenizer, dtype, texts, text_field) -> dict:
     from qtool.eval.lmeval import offline
-    from qtool.eval.results import evaluate
+    from qtool.eval.results import evaluate, text_files
     from qtool.eval.tasks import default_data_dir, parse_tasks, task_files
     from qtool.models.loading import DTYPES, load_model, model_identity
 
@@ -84,9 +84,7 @@ def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenize
             raise QtoolError("data: no evaluation data directory found; pass --data-dir (or set QTOOL_DATA_DIR)")
     for name in names:  # fail on a missing file before loading the model
         task_files(name, data_dir)
-    for path in texts:
-        if not path.expanduser().is_file():
-            raise QtoolError(f"--text: file {path} does not exist; pass an existing text or jsonl file")
+    text_files(texts)
     if dtype not in DTYPES:
         raise QtoolError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     with offline():

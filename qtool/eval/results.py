@@ -90,10 +90,7 @@ def evaluate(
     if tasks and data_dir is None:
         raise QtoolError("data: no evaluation data directory found; pass --data-dir (or set QTOOL_DATA_DIR)")
     files = {t: task_files(t, data_dir) for t in tasks}  # every file checked before any expensive work
-    text_tasks = {f"{TEXT_PREFIX}{p}": Path(p).expanduser() for p in texts}
-    for path in text_tasks.values():
-        if not path.is_file():
-            raise QtoolError(f"--text: file {path} does not exist; pass an existing text or jsonl file")
+    text_tasks = text_files(texts)
     started = time.time()
     metrics: dict[str, dict] = {}
     task_info: dict[str, dict] = {}
@@ -145,6 +142,15 @@ def evaluate(
         "tasks": task_info,
         "metrics": {t: metrics[t] for t in names},
     }
+
+
+def text_files(texts: Sequence[str | Path]) -> dict[str, Path]:
+    """``{"text:<path as given>": path}`` for the user's text files; a missing one is a ``QtoolError`` naming it."""
+    out = {f"{TEXT_PREFIX}{p}": Path(p).expanduser() for p in texts}
+    for path in out.values():
+        if not path.is_file():
+            raise QtoolError(f"--text: file {path} does not exist; pass an existing text or jsonl file")
+    return out
 
 
 def _perplexity(
