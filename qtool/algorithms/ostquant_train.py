@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
 from qtool.algorithms.gptq import HessianAccumulator, residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
-from qtool.algorithms.ostquant import LATER_TRANSFORMS, OstTransforms, clip_sites, layer_parameters, layer_weights
+from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
 from qtool.models.arch import ArchSpec, decoder_layers
 from qtool.schemes import QuantArgs
@@ -287,7 +287,8 @@ def train(
         p.requires_grad_(settings.learn_rotation)
     scales = [p for p in t.scales() if settings.learn_qk_scaling or p is not t.log_s_qk]
     for p in t.scales():
-        p.requires_grad_(settings.learn_scaling and any(p is q for q in scales))
+        p.requires_grad_(settings.learn_scaling)
+    t.log_s_qk.requires_grad_(settings.learn_scaling and settings.learn_qk_scaling)
     for p in t.clips():
         p.requires_grad_(settings.learn_clipping)
     opt_r = None
@@ -341,8 +342,9 @@ def _resume(path: Path | None, t: OstTransforms, *opts) -> tuple[int, list[float
     if path is None or not path.is_file():
         return 0, []
     state = torch.load(path, weights_only=True)
-    if set(t.state_dict()) - set(state["transforms"]):  # an older qtool's checkpoint: its optimizer states differ
-        log.warning("ostquant: %s predates transforms %s; training restarts", path, sorted(LATER_TRANSFORMS))
+    missing = sorted(set(t.state_dict()) - set(state["transforms"]))
+    if missing:  # an older qtool's checkpoint (transforms added since: LATER_TRANSFORMS): its optimizer states differ
+        log.warning("ostquant: %s lacks transforms %s; training restarts", path, missing)
         return 0, []
     t.load_state_dict(state["transforms"])
     for key, opt in zip(_OPTIMIZERS, opts, strict=True):

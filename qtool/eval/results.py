@@ -102,7 +102,8 @@ def evaluate(
                 "note": spec.note,
             }
             if spec.kind == "perplexity":
-                metrics[t], extra = _perplexity(model, tokenizer, t, files[t][0], seqlen, max_tokens, progress)
+                text = load_text(files[t][0], spec.text_format, field=f"tasks.{t}")
+                metrics[t], extra = _perplexity(model, tokenizer, t, text, seqlen, max_tokens, progress)
                 task_info[t].update(extra)
             else:
                 yaml = TASKS_DIR / spec.yaml
@@ -116,11 +117,9 @@ def evaluate(
                 progress("lm-eval: " + ",".join(lm_tasks), 1, 1)
         for name, path in text_tasks.items():
             fmt = detect_format(path)
-            text = load_text(path, fmt, text_field=text_field, field="--text")
-            ids = tokenize(tokenizer, text)
-            report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
-            ppl = token_perplexity(model, ids, default_seqlen(model, seqlen), max_tokens, progress=report)
-            metrics[name], extra = perplexity_entry(ppl, max_tokens)
+            metrics[name], extra = _perplexity(
+                model, tokenizer, name, load_text(path, fmt, text_field, "--text"), seqlen, max_tokens, progress
+            )
             task_info[name] = {"files": {str(path): file_sha256(path)}, "format": fmt, **extra}
             if fmt == "jsonl":
                 task_info[name]["text_field"] = text_field
@@ -154,9 +153,9 @@ def text_files(texts: Sequence[str | Path]) -> dict[str, Path]:
 
 
 def _perplexity(
-    model, tokenizer, task: str, path: Path, seqlen: int | None, max_tokens: int | None, progress: Progress | None
+    model, tokenizer, task: str, text: str, seqlen: int | None, max_tokens: int | None, progress: Progress | None
 ) -> tuple[dict, dict]:
-    ids = tokenize(tokenizer, load_text(path, get_task(task).text_format, field=f"tasks.{task}"))
+    ids = tokenize(tokenizer, text)
     seq = default_seqlen(model, seqlen)
     report = (lambda done, total: progress(task, done, total)) if progress else None
     return perplexity_entry(token_perplexity(model, ids, seq, max_tokens, progress=report), max_tokens)
