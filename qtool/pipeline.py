@@ -23,6 +23,7 @@ import torch
 from qtool import __version__
 from qtool.artifacts import ArtifactReader, StageWriter, read_manifest, verify, write_json
 from qtool.errors import ArtifactError, QtoolError
+from qtool.formats.run_dir import RECIPE, RUN_JSON, STAGE_DIRS, STAGE_ORDER
 from qtool.models.arch import spec_for
 from qtool.models.loading import load_model, model_identity, resolve_source
 from qtool.recipe import Recipe
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 STAGES: tuple[Stage, ...] = (Calibrate(), Outliers(), Transform(), Quantize(), Pack(), Evaluate())
 STAGE_NAMES = tuple(s.name for s in STAGES)
-STAGE_DIRS = {s.name: f"{i + 1:02d}-{s.name}" for i, s in enumerate(STAGES)}
+assert STAGE_NAMES == STAGE_ORDER, "the run directory layout (qtool.formats.run_dir) lists the stages in this order"
 CONFIG_SECTION = {"calibrate": "calibration"}  # stage name -> its recipe section, where they differ
 
 
@@ -185,7 +186,7 @@ class Pipeline:
         return StageState(name, "done", fp, manifest)
 
     def _prepare_dir(self, identity: str) -> None:
-        run_json = self.run_dir / "run.json"
+        run_json = self.run_dir / RUN_JSON
         if run_json.is_file():
             previous = json.loads(run_json.read_text())
             if previous.get("model", {}).get("identity") != identity and not self.force:
@@ -199,7 +200,7 @@ class Pipeline:
                     if p.exists():
                         shutil.rmtree(p)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+        (self.run_dir / RECIPE).write_text(self.recipe.to_yaml())
         state = json.loads(run_json.read_text()) if run_json.is_file() and not self.force else {"stages": {}}
         state.update(
             qtool_version=__version__,
@@ -209,7 +210,7 @@ class Pipeline:
         write_json(run_json, state)
 
     def _update_run_json(self, st: StageState) -> None:
-        run_json = self.run_dir / "run.json"
+        run_json = self.run_dir / RUN_JSON
         state = json.loads(run_json.read_text())
         entry = {"status": st.status, "fingerprint": st.fingerprint, "updated": time.time()}
         if st.manifest:
@@ -228,18 +229,19 @@ class Pipeline:
 
 def run_status(run_dir: Path) -> list[dict[str, Any]]:
     """Each stage's state, time and fingerprint as recorded in the run directory (hashes re-checked)."""
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_JSON).is_file():
         raise QtoolError(f"RUN_DIR: {run_dir} is not a qtool run directory (no run.json); pass runs/<name>")
     rows, upstream = [], ""
-    for name in STAGE_NAMES:
+    for stage in STAGES:
+        name = stage.name
         path = run_dir / STAGE_DIRS[name]
         manifest = read_manifest(path)
         row: dict[str, Any] = {"stage": name, "status": "pending", "seconds": None, "fingerprint": None}
         if manifest is None:
             tmp = path.with_name(path.name + ".tmp")
             if tmp.is_dir():
-                done = len(list((tmp / "layers").glob("*.safetensors"))) if (tmp / "layers").is_dir() else 0
-                row["status"] = f"partial ({done} layers checkpointed)" if done else "partial"
+                progress = stage.partial_progress(tmp)
+                row["status"] = f"partial ({progress})" if progress else "partial"
             rows.append(row)
             upstream = None
             continue

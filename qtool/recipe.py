@@ -10,19 +10,19 @@ from __future__ import annotations
 import copy
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qtool.errors import QtoolError
+from qtool.methods import quantize as quantize_methods
+from qtool.methods import transform as transform_methods
 from qtool.schemes import PRESETS, Scheme
 from qtool.stages.calibrate import CalibrationConfig
 from qtool.stages.evaluate import EvaluateConfig
 from qtool.stages.outliers import OutliersConfig
 from qtool.stages.pack import PackConfig
-from qtool.stages.quantize import GptqConfig, RtnConfig
-from qtool.stages.transform import NoTransform, TransformConfig
 
 RECIPE_VERSION = 1
 
@@ -55,8 +55,8 @@ class Recipe(BaseModel):
     calibration: CalibrationConfig
     scheme: Scheme
     outliers: OutliersConfig = OutliersConfig()
-    transform: TransformConfig = NoTransform()
-    quantize: Annotated[RtnConfig | GptqConfig, Field(discriminator="method")]
+    transform: transform_methods.TransformConfig = transform_methods.NoTransform()
+    quantize: quantize_methods.QuantizeConfig
     pack: PackConfig = PackConfig()
     evaluate: EvaluateConfig | None = Field(None, description="omit to quantize and pack without evaluating")
     output: OutputConfig = OutputConfig()
@@ -88,11 +88,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
-        if getattr(self.transform, "weight_error", "rtn") == "gptq" and self.quantize.method != "gptq":
-            raise ValueError(
-                "transform.weight_error: gptq trains the transforms for GPTQ's weight error but quantize.method is "
-                f"{self.quantize.method}; set quantize.method: gptq or transform.weight_error: rtn"
-            )
+        transform_methods.method_for(self.transform).check_recipe(self)
         cal, ev = self.calibration, self.evaluate
         if ev is None:
             return self
@@ -181,13 +177,11 @@ def format_error(e: ValidationError) -> str:
 
 
 def _method_tags() -> frozenset[str]:
-    """The ``method`` values of the discriminated unions (pydantic puts them in error locations)."""
+    """The ``method`` values of the method tables' configs (pydantic puts them in error locations)."""
     tags = set()
-    for union in (TransformConfig, Recipe.model_fields["quantize"].annotation):
-        if typing.get_origin(union) is Annotated:
-            union = typing.get_args(union)[0]
-        for member in typing.get_args(union):
-            tags.update(typing.get_args(member.model_fields["method"].annotation))
+    for table in (transform_methods.METHODS, quantize_methods.METHODS):
+        for config in table:
+            tags.update(typing.get_args(config.model_fields["method"].annotation))
     return frozenset(tags)
 
 

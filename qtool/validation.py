@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import QtoolError
+from qtool.methods import transform as transform_methods
 from qtool.models.arch import decoder_layers, head_dim_of, spec_for
 from qtool.models.loading import load_config, resolve_source
 from qtool.recipe import Recipe
@@ -26,10 +27,10 @@ def validate_fit(recipe: Recipe) -> str:
 
         for task in recipe.evaluate.tasks:  # a missing task file must not surface after quantization
             task_files(task, task_data_dir(recipe.evaluate))
-    _check_ostquant(recipe)
     src = resolve_source(recipe.model.source, recipe.model.tokenizer)
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)
+    transform_methods.method_for(recipe.transform).check_fit(recipe, spec)
     context = getattr(config, "max_position_embeddings", None)
     for field, seqlen in (
         ("calibration.seqlen", recipe.calibration.seqlen),
@@ -47,26 +48,6 @@ def validate_fit(recipe: Recipe) -> str:
         f"{recipe.scheme.name} {recipe.quantize.method} on {n} linears in {len(plan)} layers{extra} "
         f"({spec.family} family, model {recipe.model.source})"
     )
-
-
-def _check_ostquant(recipe: Recipe) -> None:
-    """OSTQuant trains on prefixes of the calibration windows (no more than calibration provides), on a device
-    that exists."""
-    t, cal = recipe.transform, recipe.calibration
-    if t.method != "ostquant":
-        return
-    if t.n_samples > cal.n_samples:
-        raise QtoolError(
-            f"transform.n_samples: {t.n_samples} exceeds calibration.n_samples={cal.n_samples}; "
-            f"use ≤ {cal.n_samples} or raise calibration.n_samples"
-        )
-    if t.seqlen > cal.seqlen:
-        raise QtoolError(f"transform.seqlen: {t.seqlen} exceeds calibration.seqlen={cal.seqlen}; use ≤ {cal.seqlen}")
-    if t.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise QtoolError("transform.device: cuda, but torch sees no CUDA device; use auto or cpu")
 
 
 def _check_dynamic_groups(recipe: Recipe, plan, config) -> None:

@@ -13,13 +13,16 @@ Row-vector convention (``y = x Wᵀ``, ``W: [out, in]``); ``R`` orthogonal, ``s`
   linear in ``up``).
 - Fixed online rotations from the rotations release: R4 before down_proj (``W_down <- W_down R4``) and R3 on queries
   and keys (no weight change).
-- **Clipping ratios** (learnable clipping thresholds, as FlatQuant's LCT): ``clip_act [layers, 4]`` for the dynamic
-  quantizers of the four linear inputs of a layer (``ArchSpec.input_groups`` order: q/k/v, o_proj, gate/up,
+- **Clipping ratios** (learnable clipping thresholds, as FlatQuant's LCT): ``clip_act [layers, sites]`` for the
+  dynamic quantizers of a layer's linear inputs, one per edge (``ArchSpec.edges`` order: q/k/v, o_proj, gate/up,
   down_proj) and ``clip_kv [layers]`` for its KV cache; they change no weight, only the quantizers' ``clip_ratio``.
 
 ``layer_weights`` returns a decoder layer's transformed weights as a function of the parameters (differentiable,
 used for training through ``torch.func.functional_call``, and in float64 for the final fusion), so one formula
-serves both. Scales are stored as logarithms (``s = exp(log_s)``): always positive, identity at 0.
+serves both. It reads and returns *logical* parameters (``"q.weight"``, ``"attn_norm.weight"``: see
+``qtool.models.arch``), so families that fuse q/k/v or gate/up into one linear (Phi-3) are transformed by row
+blocks; the transforms follow the edges of a pre-norm attention + gated-MLP layer (``GATED_MLP_EDGES``). Scales
+are stored as logarithms (``s = exp(log_s)``): always positive, identity at 0.
 """
 
 from __future__ import annotations
@@ -30,33 +33,21 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qtool.models.arch import ArchSpec, head_dim_of
+from qtool.models.arch import ArchSpec, LayerView, Shapes, decoder_layers
 
 
 @dataclass(frozen=True)
-class OstShapes:
-    """Sizes of the transform parameters for one model."""
+class OstShapes(Shapes):
+    """Sizes of the transform parameters for one model: its layer ``Shapes`` and ``sites``, the number of dynamic
+    input quantizers per decoder layer (one per edge, ``ArchSpec.edges``) that get a clipping ratio."""
 
-    layers: int
-    hidden: int
-    head_dim: int
-    heads: int
-    kv_heads: int
-    intermediate: int
+    sites: int = 0
 
     @classmethod
-    def of(cls, config) -> OstShapes:
-        return cls(
-            layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            head_dim=head_dim_of(config),
-            heads=config.num_attention_heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            intermediate=config.intermediate_size,
-        )
+    def of(cls, config, spec: ArchSpec) -> OstShapes:  # type: ignore[override]
+        return cls(**vars(Shapes.of(config)), sites=len(spec.edges))
 
 
-CLIP_SITES = 4  # dynamic input quantizers per decoder layer: ArchSpec.input_groups
 CLIP_MIN = 0.3  # lower bound of a learned clipping ratio
 # transforms added after the first release: a transforms file or training checkpoint without them predates them,
 # and they stay at identity when such a file is applied
@@ -90,7 +81,7 @@ class OstTransforms(nn.Module):
         self.log_s_ud = nn.Parameter(torch.zeros(n, shapes.intermediate, dtype=dtype))
         # S_qk: one scale per KV head and RoPE pair (dims j and j + hd/2 rotate together, so they share it)
         self.log_s_qk = nn.Parameter(torch.zeros(n, shapes.kv_heads * (hd // 2), dtype=dtype))
-        self.clip_act = nn.Parameter(torch.full((n, CLIP_SITES), clip_act, dtype=dtype))
+        self.clip_act = nn.Parameter(torch.full((n, shapes.sites), clip_act, dtype=dtype))
         self.clip_kv = nn.Parameter(torch.full((n,), clip_kv, dtype=dtype))
 
     def orthogonal(self) -> list[nn.Parameter]:
@@ -110,10 +101,10 @@ class OstTransforms(nn.Module):
 
 
 def clip_sites(spec: ArchSpec) -> list[tuple[int | None, str]]:
-    """Where a decoder layer's clipping ratios act: ``(column of clip_act, module path in the layer)`` for each
-    quantized linear input, and ``(None, attention module)`` for the KV cache (``clip_kv``)."""
+    """Where a decoder layer's clipping ratios act: ``(column of clip_act, linear path in the layer)`` for each linear
+    reading edge ``column``, and ``(None, attention module)`` for the KV cache (``clip_kv``)."""
     sites: list[tuple[int | None, str]] = [
-        (site, name) for site, (_, names) in enumerate(spec.input_groups) for name in names
+        (site, name) for site, edge in enumerate(spec.edges) for name in spec.linears(edge)
     ]
     return [*sites, (None, spec.attention)]
 
@@ -132,52 +123,56 @@ def clip_ratios(t: OstTransforms, spec: ArchSpec) -> dict[str, float]:
 def layer_weights(
     base: dict[str, Tensor], t: OstTransforms, i: int, spec: ArchSpec, r4: Tensor | None, dtype: torch.dtype
 ) -> dict[str, Tensor]:
-    """Layer ``i``'s transformed parameters ``{"<module path>.weight" (or .bias): tensor}`` in ``dtype``.
+    """Layer ``i``'s transformed logical parameters ``{"q.weight" (or .bias), ...: tensor}`` in ``dtype``.
 
-    ``base`` holds the layer's *original* parameters under the same keys (norm gains included); ``r4`` is the dense
-    online rotation before down_proj (``None``: no R4).
+    ``base`` holds the layer's *original* logical parameters (norm gains included, ``layer_parameters``); ``r4`` is
+    the dense online rotation before down_proj (``None``: no R4).
     """
     sh = t.shapes
     hd = sh.head_dim
-    cast = {k: v.to(dtype) for k, v in base.items()}
+    attn, ffn = spec.edge("qkv"), spec.edge("gate_up")  # the norm edges S_attn and S_ffn scale
+    heads, gated = spec.edges_of("heads")[0], spec.edges_of("gated")[0]  # v -> o (R_ov, S_ov); up -> down (S_u|d)
+    v, up = heads.producer, gated.producer
+    cast = {k: val.to(dtype) for k, val in base.items()}
     r = t.r_res.to(dtype)
     r_ov = t.r_ov[i].to(dtype)
     s_attn, s_ffn = t.log_s_attn[i].to(dtype).exp(), t.log_s_ffn[i].to(dtype).exp()
     s_ov, s_ud = t.log_s_ov[i].to(dtype).exp(), t.log_s_ud[i].to(dtype).exp()
     w = lambda name: cast[f"{name}.weight"]  # noqa: E731
     out: dict[str, Tensor] = {}
-    gain_a, gain_m = w(spec.attn_norm), w(spec.mlp_norm)
-    for name in (spec.q_proj, spec.k_proj, spec.v_proj):
-        out[f"{name}.weight"] = ((w(name) * gain_a) @ r) * s_attn
-    for name in (spec.gate_proj, spec.up_proj):
-        out[f"{name}.weight"] = ((w(name) * gain_m) @ r) * s_ffn
+    gains = {edge.producer: w(edge.producer) for edge in (attn, ffn)}
+    for edge, s in ((attn, s_attn), (ffn, s_ffn)):
+        for name in edge.readers:
+            out[f"{name}.weight"] = ((w(name) * gains[edge.producer]) @ r) * s
     # S_qk: query rows of every head · s of its KV head, key rows / s. RoPE turns the pair (j, j + hd/2) by an
     # angle, which commutes with scaling both by one number, so q·k (and the scores) are unchanged.
     half = t.log_s_qk[i].to(dtype).exp().view(sh.kv_heads, hd // 2)
     s_k = torch.cat([half, half], dim=1)
     s_q = s_k.repeat_interleave(sh.heads // sh.kv_heads, dim=0)  # query head h reads KV head h // group
-    for name, s, heads in ((spec.q_proj, s_q, sh.heads), (spec.k_proj, 1.0 / s_k, sh.kv_heads)):
-        out[f"{name}.weight"] = (out[f"{name}.weight"].unflatten(0, (heads, hd)) * s.unsqueeze(-1)).flatten(0, 1)
+    for name, s, n_heads in (("q", s_q, sh.heads), ("k", 1.0 / s_k, sh.kv_heads)):
+        out[f"{name}.weight"] = (out[f"{name}.weight"].unflatten(0, (n_heads, hd)) * s.unsqueeze(-1)).flatten(0, 1)
         if f"{name}.bias" in cast:
-            out[f"{name}.bias"] = (cast[f"{name}.bias"].view(heads, hd) * s).flatten()
-    out[f"{spec.attn_norm}.weight"] = 1.0 / s_attn
-    out[f"{spec.mlp_norm}.weight"] = 1.0 / s_ffn
+            out[f"{name}.bias"] = (cast[f"{name}.bias"].view(n_heads, hd) * s).flatten()
+    out[f"{attn.producer}.weight"] = 1.0 / s_attn
+    out[f"{ffn.producer}.weight"] = 1.0 / s_ffn
     # values: per KV head, rows diag(1/s) R_ovᵀ W_v,h
-    v = out[f"{spec.v_proj}.weight"].unflatten(0, (sh.kv_heads, hd))
-    out[f"{spec.v_proj}.weight"] = ((r_ov.T @ v) / s_ov.view(sh.kv_heads, hd, 1)).flatten(0, 1)
-    if f"{spec.v_proj}.bias" in cast:
-        vb = cast[f"{spec.v_proj}.bias"].view(sh.kv_heads, hd) @ r_ov
-        out[f"{spec.v_proj}.bias"] = (vb / s_ov.view(sh.kv_heads, hd)).flatten()
+    vw = out[f"{v}.weight"].unflatten(0, (sh.kv_heads, hd))
+    out[f"{v}.weight"] = ((r_ov.T @ vw) / s_ov.view(sh.kv_heads, hd, 1)).flatten(0, 1)
+    if f"{v}.bias" in cast:
+        vb = cast[f"{v}.bias"].view(sh.kv_heads, hd) @ r_ov
+        out[f"{v}.bias"] = (vb / s_ov.view(sh.kv_heads, hd)).flatten()
     # o_proj: output side R_resᵀ, input columns of head h: R_ov diag(s of its KV head)
-    o = (r.T @ w(spec.o_proj)).unflatten(1, (sh.heads, hd)) @ r_ov
     s_heads = s_ov.view(sh.kv_heads, 1, hd).expand(-1, sh.heads // sh.kv_heads, -1).reshape(sh.heads, hd)
-    out[f"{spec.o_proj}.weight"] = (o * s_heads).flatten(1, 2)
-    out[f"{spec.up_proj}.weight"] = out[f"{spec.up_proj}.weight"] / s_ud.unsqueeze(1)
-    if f"{spec.up_proj}.bias" in cast:
-        out[f"{spec.up_proj}.bias"] = cast[f"{spec.up_proj}.bias"] / s_ud
-    down = (r.T @ w(spec.down_proj)) * s_ud
-    out[f"{spec.down_proj}.weight"] = down @ r4.to(dtype) if r4 is not None else down
-    for name in (spec.o_proj, spec.down_proj):
+    for name in heads.readers:
+        o = (r.T @ w(name)).unflatten(1, (sh.heads, hd)) @ r_ov
+        out[f"{name}.weight"] = (o * s_heads).flatten(1, 2)
+    out[f"{up}.weight"] = out[f"{up}.weight"] / s_ud.unsqueeze(1)
+    if f"{up}.bias" in cast:
+        out[f"{up}.bias"] = cast[f"{up}.bias"] / s_ud
+    for name in gated.readers:
+        down = (r.T @ w(name)) * s_ud
+        out[f"{name}.weight"] = down @ r4.to(dtype) if r4 is not None else down
+    for name in spec.residual_writers:
         if f"{name}.bias" in cast:
             out[f"{name}.bias"] = cast[f"{name}.bias"] @ r
     return out
@@ -196,26 +191,25 @@ def weight_covariances(model: nn.Module, spec: ArchSpec) -> tuple[Tensor, Tensor
     ``womi_rotation(c, h)``: with ``R = Q H`` (``Q`` the eigenvectors of ``c``, ``H`` an orthonormal Hadamard, its
     rows sign-flipped or not) every rotated column carries the same share of the energy, ``(Rᵀ c R)_jj = tr(c)/n``.
     """
-    from qtool.models.arch import decoder_layers
-
-    sh = OstShapes.of(model.config)
+    sh = Shapes.of(model.config)
     hd = sh.head_dim
+    heads = spec.edges_of("heads")[0]
     c_res = torch.zeros(sh.hidden, sh.hidden, dtype=torch.float64)
     c_ov = []
     for layer in decoder_layers(model, spec):
-        w = {name: layer.get_submodule(name).weight.detach().double() for name in spec.layer_linears}
-        gain_a = layer.get_submodule(spec.attn_norm).weight.detach().double()
-        gain_m = layer.get_submodule(spec.mlp_norm).weight.detach().double()
+        view = LayerView(layer, spec, sh)
+        w = {name: view.get(f"{name}.weight").double() for name, _ in spec.projections}
         unit = {name: m / m.norm() for name, m in w.items()}
-        for name, gain in ((spec.q_proj, gain_a), (spec.k_proj, gain_a), (spec.v_proj, gain_a),
-                           (spec.gate_proj, gain_m), (spec.up_proj, gain_m)):  # fmt: skip
-            m = w[name] * gain
-            m = m / m.norm()
-            c_res += m.T @ m
-        for name in (spec.o_proj, spec.down_proj):
+        for edge in spec.edges_of("norm"):  # readers of the residual stream, the norm's gain fused
+            gain = view.get(f"{edge.producer}.weight").double()
+            for name in edge.readers:
+                m = w[name] * gain
+                m = m / m.norm()
+                c_res += m.T @ m
+        for name in spec.residual_writers:
             c_res += unit[name] @ unit[name].T
-        v = unit[spec.v_proj].unflatten(0, (sh.kv_heads, hd))  # [kv_heads, hd, d]
-        o = unit[spec.o_proj].unflatten(1, (sh.heads, hd))  # [d, heads, hd]
+        v = unit[heads.producer].unflatten(0, (sh.kv_heads, hd))  # [kv_heads, hd, d]
+        o = unit[heads.readers[0]].unflatten(1, (sh.heads, hd))  # [d, heads, hd]
         c_ov.append(torch.einsum("kid,kjd->ij", v, v) + torch.einsum("dhi,dhj->ij", o, o))
     return c_res, torch.stack(c_ov)
 
@@ -225,27 +219,20 @@ def womi_rotation(c: Tensor, h: Tensor) -> Tensor:
     return torch.linalg.eigh(c.double()).eigenvectors @ h.double()
 
 
-def layer_parameters(layer: nn.Module, spec: ArchSpec) -> dict[str, Tensor]:
-    """The parameters ``layer_weights`` reads, detached, keyed by module path."""
-    names = [*spec.layer_linears, spec.attn_norm, spec.mlp_norm]
-    out = {}
-    for name in names:
-        module = layer.get_submodule(name)
-        out[f"{name}.weight"] = module.weight.detach()
-        if getattr(module, "bias", None) is not None:
-            out[f"{name}.bias"] = module.bias.detach()
-    return out
+def layer_parameters(view: LayerView) -> dict[str, Tensor]:
+    """The logical parameters ``layer_weights`` reads (``LayerView.keys``), detached views of the layer's."""
+    return {key: view.get(key) for key in view.keys()}
 
 
 @torch.no_grad()
 def fuse(model: nn.Module, spec: ArchSpec, t: OstTransforms, r4: Tensor | None) -> None:
     """Write the transforms into ``model``'s weights (float64 arithmetic, cast back once per tensor), embeddings and
     lm_head included (``R_res`` as R1). Online R3/R4 must be attached by the caller."""
-    from qtool.algorithms.rotation import rotate_embeddings, write_param
-    from qtool.models.arch import decoder_layers
+    from qtool.algorithms.rotation import rotate_embeddings
 
     for i, layer in enumerate(decoder_layers(model, spec)):
-        new = layer_weights(layer_parameters(layer, spec), t, i, spec, r4, torch.float64)
+        view = LayerView(layer, spec, t.shapes)
+        new = layer_weights(layer_parameters(view), t, i, spec, r4, torch.float64)
         for key, value in new.items():
-            write_param(layer.get_parameter(key), value)
+            view.set(key, value)
     rotate_embeddings(model, spec, t.r_res.detach().to(torch.float64))

@@ -16,6 +16,7 @@ iteration) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -31,11 +32,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
-from qtool.algorithms.gptq import HessianAccumulator, residual_share
+from qtool.algorithms.gptq import residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
-from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.models.arch import ArchSpec, LayerView, decoder_layers
+from qtool.models.observers import HessianObserver
+from qtool.models.walker import LayerWalker
 from qtool.schemes import QuantArgs
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,10 @@ class _StudentLayer(nn.Module):
         except AttributeError:
             return getattr(self._layer[0], name)  # e.g. attention_type, read by the model's forward
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """The original layer's submodules (hooks on them see the student's forward, which runs that layer)."""
+        return self._layer[0].get_submodule(target) if target else self
+
     def forward(self, *args, **kwargs):
         if self._student.checkpointing and torch.is_grad_enabled():
             return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
@@ -162,7 +169,7 @@ class Student:
         self.model, self.spec, self.t, self.targets, self.r4 = model, spec, t, targets, r4
         self.checkpointing, self.dtype = checkpointing, dtype
         self.layers = list(decoder_layers(model, spec))
-        self.bases = [layer_parameters(layer, spec) for layer in self.layers]
+        self.bases = [layer_parameters(LayerView(layer, spec, t.shapes)) for layer in self.layers]
         # per layer {linear name: [in] share of its RTN error kept} (``weight_error: gptq``); empty: plain RTN
         self.error_share: list[dict[str, Tensor]] = [{} for _ in self.layers]
         self._full_precision_weights = False
@@ -196,11 +203,12 @@ class Student:
         return touched
 
     def layer_parameters(self, i: int) -> dict[str, Tensor]:
-        """Decoder layer ``i``'s transformed parameters, quantized linears fake-quantized (straight-through)."""
+        """Decoder layer ``i``'s transformed module parameters, quantized linears fake-quantized (straight-through)."""
         base = self.bases[i]
         params = {}
         dtype = next(iter(base.values())).dtype
-        for key, value in layer_weights(base, self.t, i, self.spec, self.r4, dtype).items():
+        logical = layer_weights(base, self.t, i, self.spec, self.r4, dtype)
+        for key, value in self.spec.join(logical).items():
             name = key.removesuffix(".weight")
             if key.endswith(".weight") and name in self.targets[i] and not self._full_precision_weights:
                 quantized = weight_fake_quant(value, self.targets[i][name])
@@ -213,38 +221,32 @@ class Student:
     def refresh_error_share(self, windows: Tensor, damp: float, act_order: bool) -> None:
         """Set ``error_share`` from the input Hessians of the quantized linears over ``windows``: the inputs of the
         transformed model with full-precision weights (activation/KV quantizers as configured), so they depend on
-        the transforms alone and a resumed run refreshes alike. Linears that read one input share it
-        (``ArchSpec.input_groups``)."""
-        hessians: dict[tuple[int, int], HessianAccumulator] = {}
-
-        def accumulate(key, _module, args):
-            x = args[0]
-            hessians.setdefault(key, HessianAccumulator.zeros(x.shape[-1], x.device)).add(x)
-
-        handles = []
-        for i, layer in enumerate(self.layers):
-            for g, (_, names) in enumerate(self.spec.input_groups):
-                if any(n in self.targets[i] for n in names):
-                    hook = functools.partial(accumulate, (i, g))
-                    handles.append(layer.get_submodule(names[0]).register_forward_pre_hook(hook))
+        the transforms alone and a resumed run refreshes alike. Walks the student layer by layer
+        (``LayerWalker``); linears that read one edge share one Hessian."""
         self._full_precision_weights = True
         try:
-            for ids in windows:
-                self.logits(ids.unsqueeze(0))
+            with self._autocast(windows.device):
+                for step in LayerWalker(self.model, self.spec, windows):
+                    hessians = HessianObserver(self.spec, self.targets[step.index])
+                    step.run(hessians, keep=True)
+                    for edge, acc in hessians.acc.items():
+                        share = residual_share(acc.hessian().cpu(), damp, act_order).to(acc.sum.device)
+                        for name in hessians.members[edge]:
+                            self.error_share[step.index][name] = share
         finally:
             self._full_precision_weights = False
-            for h in handles:
-                h.remove()
-        for (i, g), acc in hessians.items():
-            share = residual_share(acc.hessian().cpu(), damp, act_order).to(acc.sum.device)
-            for name in self.spec.input_groups[g][1]:
-                if name in self.targets[i]:
-                    self.error_share[i][name] = share
+
+    def _autocast(self, device: torch.device):
+        """The student's compute precision for the decoder layers (``logits`` keeps the vocabulary projection in
+        float32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
 
     def logits(self, ids: Tensor) -> Tensor:
         if self.dtype == torch.float32:
             return self.model(ids, use_cache=False).logits
-        with torch.autocast(ids.device.type, dtype=self.dtype):
+        with self._autocast(ids.device):
             hidden = self.model.base_model(ids, use_cache=False).last_hidden_state
         # the vocabulary projection stays float32: bf16 logits (8 mantissa bits) would swamp the KL of the top-k
         return self.model.get_output_embeddings()(hidden.float())

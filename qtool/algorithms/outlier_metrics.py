@@ -69,6 +69,26 @@ class ActivationStats:
             self._xtx += (xf.T @ xf).to(torch.float64)
         self.tokens += x.shape[0]
 
+    @torch.no_grad()
+    def merge(self, other: ActivationStats) -> None:
+        """Add another accumulator's rows (e.g. another shard of the calibration windows) to this one; the result is
+        that of ``add``-ing both sets of rows, up to float64 round-off."""
+        if other.d != self.d or (other._xtx is None) != (self._xtx is None):
+            raise ValueError(
+                f"cannot merge statistics of {other.d} features into {self.d}, or with and without covariance"
+            )
+        if other.tokens == 0:
+            return
+        if self.tokens == 0 and other._absmax.device != self._absmax.device:
+            self._to(other._absmax.device)
+        dev = self._absmax.device
+        self._moments += other._moments.to(dev)
+        torch.maximum(self._absmax, other._absmax.to(dev), out=self._absmax)
+        self._sum += other._sum.to(dev)
+        if self._xtx is not None:
+            self._xtx += other._xtx.to(dev)
+        self.tokens += other.tokens
+
     def _to(self, device: torch.device) -> None:
         """Move the accumulators (only done before the first rows, to follow a CUDA input)."""
         self._moments, self._absmax, self._sum = (t.to(device) for t in (self._moments, self._absmax, self._sum))

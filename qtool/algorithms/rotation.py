@@ -7,29 +7,34 @@ Row-vector convention: a linear computes ``y = x Wᵀ`` with ``W: [out, in]``. F
 
 The rotations (QuaRot, Ashkboos et al. 2024):
 
-- **R1** (hidden × hidden) rotates the residual stream: embeddings (``E <- E R1``), the inputs of q/k/v, gate/up and
-  lm_head, the outputs of o_proj and down_proj. RMSNorm commutes with it once its gain is fused into the following
-  linears (``W <- W diag(γ)``, ``γ <- 1``), since ``‖x R‖ = ‖x‖``. A tied lm_head is untied only when the final
-  norm's gain is not all ones (otherwise embedding and head stay one tensor).
-- **R2** (head_dim × head_dim) rotates each value head: v_proj output side per KV head, o_proj input side per
-  attention head (all heads of a GQA group see the same ``R2``).
-- **R4** (intermediate × intermediate) is applied online to down_proj's input (``x -> x R4``), so its weight gets
-  ``W_down <- W_down R4`` here. **R3** needs no weight change (queries and keys are both rotated online after RoPE).
+- **R1** (hidden × hidden) rotates the residual stream: embeddings (``E <- E R1``), the inputs of the readers of
+  every ``norm`` edge (q/k/v, gate/up) and of lm_head, the outputs of the residual writers (o_proj, down_proj).
+  RMSNorm commutes with it once its gain is fused into the following linears (``W <- W diag(γ)``, ``γ <- 1``),
+  since ``‖x R‖ = ‖x‖``. A tied lm_head is untied only when the final norm's gain is not all ones (otherwise
+  embedding and head stay one tensor).
+- **R2** (head_dim × head_dim) rotates each value head of the ``heads`` edge: v_proj output side per KV head,
+  o_proj input side per attention head (all heads of a GQA group see the same ``R2``).
+- **R4** (intermediate × intermediate) is applied online to the ``gated`` edge's input (down_proj's,
+  ``x -> x R4``), so its readers get ``W_down <- W_down R4`` here. **R3** needs no weight change (queries
+  and keys are both rotated online after RoPE).
 
-All arithmetic runs in float64 on copies of the touched weights, which are cast back to their dtype once.
+Edges and projections come from the family table (``qtool.models.arch``), so fused q/k/v or gate/up weights
+(Phi-3) are rotated by their row blocks. All arithmetic runs in float64 on copies of the touched weights, which
+are cast back to their dtype once.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qtool.algorithms.hadamard import orthonormal_hadamard, random_orthogonal, random_signs
-from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.algorithms.hadamard import hadamard_matrix, orthonormal_hadamard, random_orthogonal, random_signs
+from qtool.models.arch import ArchSpec, LayerView, Shapes, decoder_layers, head_dim_of
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +64,35 @@ def make_rotation(n: int, generator: torch.Generator, random: bool = True) -> tu
     return h, "hadamard"
 
 
+def build_rotations(
+    config, rotations: tuple[str, ...], seed: int, random: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The matrices of ``rotations`` (a subset of ``r1 r2 r3 r4``) for a model with transformers ``config``:
+    float64 tensors and ``{name: {"kind", "size"}}``. Online R3/R4 of a size with a Hadamard are plain fast
+    Hadamards (kind ``hadamard``, nothing stored); the others are drawn from ``seed`` (``make_rotation``; an online
+    one without a Hadamard is stored as kind ``matrix``)."""
+    gen = torch.Generator().manual_seed(seed)
+    hd = head_dim_of(config)
+    sizes = {"r1": config.hidden_size, "r2": hd, "r3": hd, "r4": config.intermediate_size}
+    tensors, kinds = {}, {}
+    for name in sorted(set(rotations)):
+        n, online = sizes[name], name in ("r3", "r4")
+        if online and hadamard_matrix(n) is not None:  # a plain fast Hadamard, nothing to store
+            kinds[name] = {"kind": "hadamard", "size": n}
+            continue
+        tensors[name], kind = make_rotation(n, gen, random)  # online ones get here only without a Hadamard
+        kinds[name] = {"kind": "matrix" if online else kind, "size": n}
+    return tensors, kinds
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, spec: ArchSpec, rot: FusedRotations) -> None:
     """Fuse norm gains (when R1 is given) and the rotations ``rot`` into ``model``'s weights, in place."""
     if rot.r1 is not None:
         rotate_embeddings(model, spec, rot.r1)
+    shapes = Shapes.of(model.config)
     for layer in decoder_layers(model, spec):
-        _rotate_layer(model, layer, spec, rot)
+        _rotate_layer(LayerView(layer, spec, shapes), spec, rot)
 
 
 def rotate_embeddings(model: nn.Module, spec: ArchSpec, r1: Tensor) -> None:
@@ -86,32 +113,40 @@ def rotate_embeddings(model: nn.Module, spec: ArchSpec, r1: Tensor) -> None:
     norm.weight.fill_(1.0)
 
 
-def _rotate_layer(model: nn.Module, layer: nn.Module, spec: ArchSpec, rot: FusedRotations) -> None:
-    get = layer.get_submodule
-    w = {name: get(name).weight.double() for name in spec.layer_linears}
-    b = {name: get(name).bias.double() for name in spec.layer_linears if get(name).bias is not None}
+def _rotate_layer(view: LayerView, spec: ArchSpec, rot: FusedRotations) -> None:
+    """The rotations of one decoder layer, by edge: R1 fuses each ``norm`` edge's gain into its readers and
+    rotates their input side and the residual writers' output side; R2 rotates each ``heads`` edge (producer rows
+    and reader columns per head); R4 folds into the readers of each ``gated`` edge."""
+    names = [name for name, _ in spec.projections]
+    w = {name: view.get(f"{name}.weight").double() for name in names}
+    b = {name: view.get(f"{name}.bias").double() for name in names if view.has(f"{name}.bias")}
     if rot.r1 is not None:
-        for norm, group in ((spec.attn_norm, spec.input_groups[0][1]), (spec.mlp_norm, spec.input_groups[2][1])):
-            gain = get(norm).weight.double()
-            for name in group:
+        for edge in spec.edges_of("norm"):
+            gain = view.get(f"{edge.producer}.weight").double()
+            for name in edge.readers:
                 w[name] = (w[name] * gain) @ rot.r1
-            get(norm).weight.fill_(1.0)
-        for name in (spec.o_proj, spec.down_proj):
+            view.set(f"{edge.producer}.weight", torch.ones_like(gain))
+        for name in spec.residual_writers:
             w[name] = rot.r1.T @ w[name]
             if name in b:
                 b[name] = b[name] @ rot.r1
     if rot.r2 is not None:
         hd = rot.r2.shape[0]
-        w[spec.v_proj] = (rot.r2.T @ w[spec.v_proj].unflatten(0, (-1, hd))).flatten(0, 1)
-        if spec.v_proj in b:
-            b[spec.v_proj] = (b[spec.v_proj].unflatten(0, (-1, hd)) @ rot.r2).flatten()
-        w[spec.o_proj] = (w[spec.o_proj].unflatten(1, (-1, hd)) @ rot.r2).flatten(1, 2)
+        for edge in spec.edges_of("heads"):
+            v = edge.producer
+            w[v] = (rot.r2.T @ w[v].unflatten(0, (-1, hd))).flatten(0, 1)
+            if v in b:
+                b[v] = (b[v].unflatten(0, (-1, hd)) @ rot.r2).flatten()
+            for name in edge.readers:
+                w[name] = (w[name].unflatten(1, (-1, hd)) @ rot.r2).flatten(1, 2)
     if rot.r4 is not None:
-        w[spec.down_proj] = w[spec.down_proj] @ rot.r4
+        for edge in spec.edges_of("gated"):
+            for name in edge.readers:
+                w[name] = w[name] @ rot.r4
     for name, value in w.items():
-        write_param(get(name).weight, value)
+        view.set(f"{name}.weight", value)
     for name, value in b.items():
-        write_param(get(name).bias, value)
+        view.set(f"{name}.bias", value)
 
 
 def write_param(param: Tensor, value: Tensor) -> None:

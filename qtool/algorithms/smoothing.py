@@ -1,14 +1,16 @@
 """SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights with per-channel scales.
 
-For a set of linears that read the same input ``X`` (channels ``j``) and the operation that produces ``X``:
+For an edge (``qtool.models.arch.Edge``: linears that read the same input ``X``, channels ``j``, and what produces
+``X``):
 
-    s_j = max|X_j| ** alpha / max_{linears, rows} |W_{:, j}| ** (1 - alpha)
+    s_j = max|X_j| ** alpha / max_{readers, rows} |W_{:, j}| ** (1 - alpha)
 
 ``X`` is divided by ``s`` (folded into the producer) and every reader's column ``j`` is multiplied by ``s_j``, so
-the product is unchanged and the activation range is flattened. Producers (``ArchSpec`` layout):
+the product is unchanged and the activation range is flattened. Producers:
 
-- ``attn_norm -> q/k/v`` and ``mlp_norm -> gate/up``: the RMSNorm gain ``γ <- γ / s``;
-- ``up_proj -> down_proj``: down_proj's input is ``act(gate) * up``, so up_proj's output rows (and bias) ``/ s``.
+- a norm (``norm`` edges: attn_norm -> q/k/v, mlp_norm -> gate/up): the RMSNorm gain ``γ <- γ / s``;
+- a projection (``gated`` edge: up -> down, whose input ``act(gate) * up`` is linear in ``up``; ``heads`` edge:
+  v -> o, attention being linear in the values): the producer's output rows (and bias) ``/ s``.
 
 All arithmetic runs in float64 on copies of the touched weights, which are cast back to their dtype once.
 """
@@ -16,24 +18,13 @@ All arithmetic runs in float64 on copies of the touched weights, which are cast 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
-from qtool.algorithms.rotation import write_param
-from qtool.models.arch import ArchSpec
+from qtool.models.arch import Edge, LayerView
 
-# The pairs smoothed in each decoder layer: name -> (producer, readers). Producer kind from the module type.
+# The edges smoothed by default (recipe ``transform.mappings``), by edge name.
 MAPPINGS = ("qkv", "gate_up", "down_proj")
 _EPS = 1e-5
-
-
-def mapping_modules(spec: ArchSpec) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """``{mapping: (producer, readers)}`` within one decoder layer."""
-    return {
-        "qkv": (spec.attn_norm, spec.input_groups[0][1]),
-        "gate_up": (spec.mlp_norm, spec.input_groups[2][1]),
-        "down_proj": (spec.up_proj, (spec.down_proj,)),
-    }
 
 
 def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
@@ -43,16 +34,20 @@ def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) ->
     return (a_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp_min(_EPS)
 
 
+def reader_weights(view: LayerView, edge: Edge) -> list[Tensor]:
+    """The readers' weights ``[out, in]`` of ``edge`` (row blocks of a fused linear included)."""
+    return [view.get(f"{name}.weight") for name in edge.readers]
+
+
 @torch.no_grad()
-def apply_smoothing(layer: nn.Module, producer: str, readers: tuple[str, ...], s: Tensor) -> None:
-    """Divide ``producer``'s output channels by ``s`` and multiply the readers' input columns by ``s``."""
-    prod = layer.get_submodule(producer)
-    if isinstance(prod, nn.Linear):
-        write_param(prod.weight, prod.weight.double() / s.unsqueeze(1))
-        if prod.bias is not None:
-            write_param(prod.bias, prod.bias.double() / s)
-    else:  # a norm with a gain vector
-        write_param(prod.weight, prod.weight.double() / s)
-    for name in readers:
-        lin = layer.get_submodule(name)
-        write_param(lin.weight, lin.weight.double() * s)
+def apply_smoothing(view: LayerView, edge: Edge, s: Tensor) -> None:
+    """Divide ``edge``'s producer's output channels by ``s`` and multiply its readers' input columns by ``s``."""
+    key = f"{edge.producer}.weight"
+    if edge.kind == "norm":  # a gain vector
+        view.set(key, view.get(key).double() / s)
+    else:  # a projection's output rows
+        view.set(key, view.get(key).double() / s.unsqueeze(1))
+        if view.has(f"{edge.producer}.bias"):
+            view.set(f"{edge.producer}.bias", view.get(f"{edge.producer}.bias").double() / s)
+    for name in edge.readers:
+        view.set(f"{name}.weight", view.get(f"{name}.weight").double() * s)

@@ -55,7 +55,9 @@ def inspect(
             "quantize": {"method": "rtn"},
         }
         rec = validate_recipe(apply_overrides(raw, overrides), "inspect")
-    until = "outliers" if rec.transform.method == "none" else "transform"
+    from qtool.methods.transform import method_for
+
+    until = "transform" if method_for(rec.transform).changes_model else "outliers"
     with ProgressBars(console) as bar:
         result = Pipeline(rec, run_dir, progress=bar.report, until_stage=until).run()
     outliers = result.manifest("outliers") or {}

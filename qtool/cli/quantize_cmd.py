@@ -106,7 +106,7 @@ def schema(out: Annotated[Path | None, typer.Option(help="write to this file ins
 
 
 def stages() -> None:
-    """List the pipeline stages and the methods each one offers."""
+    """List the pipeline stages and the methods each one offers, with what each method needs and writes."""
     from qtool.pipeline import STAGE_DIRS
     from qtool.recipe import Recipe
 
@@ -115,10 +115,33 @@ def stages() -> None:
     table.add_column("directory")
     table.add_column("methods")
     sections = {"calibrate": "calibration"}
+    facts = _method_facts()
     for name, dirname in STAGE_DIRS.items():
         field = Recipe.model_fields[sections.get(name, name)]
-        table.add_row(name, dirname, ", ".join(_methods(field.annotation)) or "-")
+        methods = [m + (f" ({facts[name, m]})" if facts.get((name, m)) else "") for m in _methods(field.annotation)]
+        table.add_row(name, dirname, ", ".join(methods) or "-")
     console.print(table)
+
+
+def _method_facts() -> dict[tuple[str, str], str]:
+    """``(stage, method) -> "needs …; writes …"`` from the method tables' handler facts."""
+    import typing
+
+    from qtool.methods import quantize, transform
+
+    out = {}
+    for config, handler in quantize.METHODS.items():
+        needs = [
+            word for word, on in (("calibration data", handler.needs_data), ("Hessians", handler.needs_hessian)) if on
+        ]
+        out["quantize", typing.get_args(config.model_fields["method"].annotation)[0]] = "needs " + (
+            ", ".join(needs) or "no data"
+        )
+    for config, handler in transform.METHODS.items():
+        words = [f"writes {', '.join(handler.artifacts)}"] if handler.artifacts else []
+        words += [f"reruns when {s} changes" for s in handler.fingerprint_sections]
+        out["transform", typing.get_args(config.model_fields["method"].annotation)[0]] = "; ".join(words)
+    return out
 
 
 def _methods(annotation: Any) -> list[str]:
@@ -185,11 +208,8 @@ def _describe(stage: str, summary: dict[str, Any]) -> str:
         )
     if stage == "quantize" and "linears" in summary:
         return f"{summary['method']}: {summary['linears']} linears"
-    if stage == "transform" and summary.get("method") == "ostquant":
-        return (
-            f"ostquant: {summary['loss']} {summary['loss_first']:.4f} → {summary['loss_last']:.4f} "
-            f"in {summary['train_seconds']:.0f}s, ‖RᵀR−I‖max {summary['orthogonality_error']:.1e}"
-        )
+    if stage == "transform" and "headline" in summary:
+        return summary["headline"]
     if stage == "calibrate" and "tokens" in summary:
         return f"{summary['tokens']} tokens"
     return summary.get("method", "")

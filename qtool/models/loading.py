@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import QtoolError
+from qtool.formats.run_dir import is_run_dir, packed_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class ModelSource:
 def resolve_source(model: str, tokenizer: str | None = None) -> ModelSource:
     """Classify ``model``: a ``.gguf`` file, a directory holding config.json or exactly one .gguf, else a hub id."""
     p = Path(model).expanduser()
-    if p.is_dir() and (p / "run.json").is_file():  # a qtool run directory: its packed checkpoint
-        packed = p / "05-pack" / "model"
+    if p.is_dir() and is_run_dir(p):  # a qtool run directory: its packed checkpoint
+        packed = packed_model_dir(p)
         if not (packed / "config.json").is_file():
             raise QtoolError(f"model: run {model} has no packed model at {packed}; finish it with qtool quantize first")
         p = packed

@@ -8,8 +8,7 @@ Nothing here forks transformers' modeling code. Two insertion points are used:
   after RoPE go through the R3 rotation, keys and values through the KV-cache quantizer, then SDPA. Settings live
   on each attention module as ``qtool_attention`` (an ``AttentionState``), so layers may differ.
 
-``describe(model)`` lists what is attached (for the packed config); ``attach(model, description, matrices)`` puts
-it back on a freshly loaded model.
+``qtool.formats.online`` writes what is attached into a packed checkpoint's config and attaches it again on load.
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ from torch import Tensor
 
 from qtool.algorithms.actquant import fake_quantize_dynamic
 from qtool.algorithms.hadamard import fast_hadamard
+from qtool.models.arch import ArchSpec
 from qtool.schemes import QuantArgs
 
 log = logging.getLogger(__name__)
 
 ATTENTION = "qtool"
 # module attribute holding a learned clip ratio for that module's input (linear) or KV cache (attention module);
-# ``qtool.stages.quantize.attach_quantizers`` puts it into the module's QuantArgs
+# ``qtool.models.quantizers.attach_quantizers`` puts it into the module's QuantArgs
 CLIP_ATTR = "qtool_clip_ratio"
 
 
@@ -153,54 +153,13 @@ def online_rotations(kinds: dict[str, Any], tensors: dict[str, Tensor]) -> dict[
     }
 
 
-def attach_rotations(model: nn.Module, spec, online: dict[str, OnlineRotation]) -> None:
-    """R3 on queries/keys in every attention module, R4 before every down_proj (``spec``: the ``ArchSpec``)."""
+def attach_rotations(model: nn.Module, spec: ArchSpec, online: dict[str, OnlineRotation]) -> None:
+    """R3 on queries/keys in every attention module, R4 on the input of the linears of every ``gated`` edge
+    (down_proj)."""
     for layer in model.get_submodule(spec.layers):
         if "r3" in online:
             attention_state(model, layer.get_submodule(spec.attention)).qk_rotation = online["r3"]
         if "r4" in online:
-            input_hook(layer.get_submodule(spec.down_proj)).rotation = online["r4"]
-
-
-def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Everything attached to ``model``: ``({"inputs": {module: {...}}, "attention": {module: {...}}}, matrices)``.
-
-    Stored rotation matrices are returned separately (``<module>.rotation`` keys) for a safetensors file."""
-    inputs, attention, matrices = {}, {}, {}
-    for name, module in model.named_modules():
-        hook: InputHook | None = getattr(module, "qtool_input", None)
-        if hook is not None and (hook.rotation or hook.quant):
-            inputs[name] = _entry(name, hook.rotation, hook.quant, matrices)
-        state: AttentionState | None = getattr(module, "qtool_attention", None)
-        if state is not None and (state.qk_rotation or state.kv_quant):
-            attention[name] = _entry(name, state.qk_rotation, state.kv_quant, matrices)
-    return {"inputs": inputs, "attention": attention}, matrices
-
-
-def _entry(name: str, rotation: OnlineRotation | None, quant: QuantArgs | None, matrices: dict) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "rotation": rotation.describe() if rotation else None,
-        "quant": quant.model_dump(mode="json") if quant else None,
-    }
-    if rotation is not None and rotation.kind == "matrix":
-        matrices[f"{name}.rotation"] = rotation.matrix.contiguous()
-    return entry
-
-
-def attach(model: nn.Module, description: dict[str, Any], matrices: dict[str, Tensor]) -> None:
-    """Re-create ``describe``'s hooks and attention states on ``model``."""
-    for name, entry in description.get("inputs", {}).items():
-        hook = input_hook(model.get_submodule(name))
-        hook.rotation = _rotation(name, entry["rotation"], matrices)
-        hook.quant = QuantArgs.model_validate(entry["quant"]) if entry["quant"] else None
-    for name, entry in description.get("attention", {}).items():
-        state = attention_state(model, model.get_submodule(name))
-        state.qk_rotation = _rotation(name, entry["rotation"], matrices)
-        state.kv_quant = QuantArgs.model_validate(entry["quant"]) if entry["quant"] else None
-
-
-def _rotation(name: str, entry: dict[str, Any] | None, matrices: dict[str, Tensor]) -> OnlineRotation | None:
-    if entry is None:
-        return None
-    matrix = matrices[f"{name}.rotation"] if entry["kind"] == "matrix" else None
-    return OnlineRotation(entry["kind"], int(entry["size"]), matrix)
+            for edge in spec.edges_of("gated"):
+                for name in spec.linears(edge):
+                    input_hook(layer.get_submodule(name)).rotation = online["r4"]

@@ -13,18 +13,16 @@ Checkpoints from other tools that quantize input activations get dynamic quantiz
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from qtool.algorithms.packing import unpack_from_int32
-from qtool.algorithms.quantizer import QuantizedWeight
 from qtool.errors import QtoolError
-from qtool.schemes import QuantArgs
+from qtool.formats.compressed_tensors import decompress_linears, input_quant_of
+from qtool.formats.hf_checkpoint import read_state
+from qtool.formats.online import read_online
+from qtool.models.online import input_hook
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +44,9 @@ def load_packed_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
     del config.quantization_config
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = _read_state(path)
+    state = read_state(path)
     linear_types = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for prefix in sorted(k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")):
-        args = _group_for(prefix, linear_types, qc)["weights"]
-        state[f"{prefix}.weight"] = _decompress(state, prefix, _weight_args(args)).to(dtype)
+    decompress_linears(state, qc, linear_types, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:
@@ -60,79 +56,12 @@ def load_packed_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
         )
     model.tie_weights()
     model.eval().requires_grad_(False)
-    _attach_online(model, path, online, qc, linear_types)
+    if not read_online(model, path, online):
+        for name in linear_types:  # a foreign checkpoint: simulate its dynamic input quantization
+            quant = input_quant_of(name, linear_types, qc)
+            if quant is not None:
+                input_hook(model.get_submodule(name)).quant = quant
     return model
-
-
-def _attach_online(model, path: Path, online: dict | None, qc: dict, linear_types: dict[str, str]) -> None:
-    from qtool.models.online import attach, input_hook
-    from qtool.stages.pack import ONLINE_TENSORS
-
-    if online:
-        matrices = load_file(str(path / ONLINE_TENSORS)) if (path / ONLINE_TENSORS).is_file() else {}
-        attach(model, online["online"], matrices)
-        return
-    for name in linear_types:  # a foreign checkpoint: simulate its dynamic input quantization
-        group = _group_for(name, linear_types, qc, required=False)
-        act = (group or {}).get("input_activations")
-        if act and act.get("dynamic") is True and act.get("type", "int") == "int":
-            input_hook(model.get_submodule(name)).quant = QuantArgs(
-                bits=act["num_bits"],
-                symmetric=act["symmetric"],
-                granularity=act["strategy"],
-                group_size=act.get("group_size") if act["strategy"] == "group" else None,
-                dynamic=True,
-            )
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
-    return state
-
-
-def _group_for(prefix: str, linear_types: dict[str, str], qc: dict, required: bool = True) -> dict | None:
-    """The config group whose targets match module ``prefix`` (and that ``ignore`` does not exclude)."""
-    ignored = any(_hit(p, prefix, linear_types) for p in qc.get("ignore", []))
-    for group in qc["config_groups"].values():
-        if not ignored and any(_hit(t, prefix, linear_types) for t in group["targets"]):
-            return group
-    if required:
-        raise QtoolError(f"model: {prefix} is quantized but no config group of quantization_config targets it")
-    return None
-
-
-def _hit(target: str, prefix: str, linear_types: dict[str, str]) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], prefix) is not None
-    return target in (prefix, linear_types.get(prefix))
-
-
-def _weight_args(w: dict) -> QuantArgs:
-    return QuantArgs(
-        bits=w["num_bits"],
-        symmetric=w["symmetric"],
-        granularity=w["strategy"],
-        group_size=w.get("group_size") if w["strategy"] == "group" else None,
-    )
-
-
-def _decompress(state: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -> torch.Tensor:
-    if f"{prefix}.weight_packed" in state:
-        shape = tuple(int(x) for x in state.pop(f"{prefix}.weight_shape").tolist())
-        q = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), args.bits, shape)
-    else:  # int-quantized / naive-quantized: one int8 per weight
-        q = state.pop(f"{prefix}.weight")
-    scale = state.pop(f"{prefix}.weight_scale")
-    zp = state.pop(f"{prefix}.weight_zero_point", None)
-    if zp is not None and zp.dtype == torch.int32:
-        zp = unpack_from_int32(zp, args.bits, tuple(scale.shape), packed_dim=0)
-    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args).dequantize(scale.dtype)
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:

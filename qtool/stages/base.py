@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from qtool.artifacts import ArtifactReader
+from qtool.formats.calibration import read_windows
 
 if TYPE_CHECKING:
     from qtool.models.arch import ArchSpec
@@ -54,6 +55,10 @@ class StageContext:
     reference_model: Callable[[], torch.nn.Module] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
 
+    def calibration_windows(self) -> torch.Tensor:
+        """The calibrate stage's committed windows ``[n_samples, seqlen]`` int64."""
+        return read_windows(self.reader.path("calibrate"))
+
 
 class Stage:
     """A pipeline stage.
@@ -64,6 +69,8 @@ class Stage:
       (cheap); this is what makes resume cheap.
     - ``sections`` are the recipe sections that enter the stage's fingerprint (``sections_for`` may add more for
       some methods).
+    - ``partial_progress(dir)`` describes checkpoints an interrupted run left (the pipeline asks; it never reads a
+      stage's folder itself).
     """
 
     name: ClassVar[str]
@@ -76,4 +83,9 @@ class Stage:
         raise NotImplementedError
 
     def apply(self, ctx: StageContext, manifest: dict[str, Any]) -> None:
+        return None
+
+    def partial_progress(self, partial_dir: Path) -> str | None:
+        """What an interrupted run left in ``partial_dir`` (``NN-name.tmp``) that a rerun reuses, in words
+        (``qtool status``); ``None``: nothing reusable to report."""
         return None

@@ -7,11 +7,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from qtool.artifacts import save_tensors
 from qtool.data import check_span, file_sha256, load_text, sample_windows, tokenize
+from qtool.formats.calibration import write_windows
 from qtool.stages.base import Stage, StageConfig, StageContext
-
-INPUTS = "inputs.safetensors"
 
 
 class CalibrationConfig(StageConfig):
@@ -44,11 +42,6 @@ class Calibrate(Stage):
         )
         gen = torch.Generator().manual_seed(cfg.seed)
         windows = sample_windows(ids, cfg.n_samples, cfg.seqlen, gen)
-        save_tensors(ctx.out / INPUTS, {"input_ids": windows})
+        write_windows(ctx.out, windows)
         ctx.log.info("calibration: %d windows of %d tokens from %s", cfg.n_samples, cfg.seqlen, cfg.dataset)
         return {"dataset_sha256": file_sha256(cfg.dataset), "corpus_tokens": ids.numel(), "tokens": windows.numel()}
-
-
-def calibration_inputs(ctx: StageContext) -> torch.Tensor:
-    """The committed calibration windows ``[n_samples, seqlen]`` int64."""
-    return ctx.reader.tensors("calibrate", INPUTS)["input_ids"]

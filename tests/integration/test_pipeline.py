@@ -168,7 +168,7 @@ def test_compressed_tensors_decompresses_exactly_our_weights(gptq_run):
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    from qtool.stages.quantize import load_layer
+    from qtool.formats.layers import read_layer
 
     _, run_dir, _ = gptq_run
     packed = run_dir / "05-pack" / "model"
@@ -178,7 +178,7 @@ def test_compressed_tensors_decompresses_exactly_our_weights(gptq_run):
     state = load_file(str(packed / "model.safetensors"))
     checked = 0
     for i in range(5):
-        for name, qw in load_layer(run_dir / "04-quantize" / "layers" / f"{i:03d}.safetensors").items():
+        for name, qw in read_layer(run_dir / "04-quantize" / "layers", i).weights.items():
             full = f"model.layers.{i}.{name}"
             scheme = next(g for g in qc.config_groups.values() if full in g.targets)
             entries = {k.removeprefix(full + "."): v for k, v in state.items() if k.startswith(full + ".")}

@@ -117,7 +117,7 @@ def test_compressed_tensors_reads_int_quantized_weights(quarot):
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    from qtool.stages.quantize import load_layer
+    from qtool.formats.layers import read_layer
 
     _, run_dir, _ = quarot
     packed = run_dir / "05-pack" / "model"
@@ -125,7 +125,7 @@ def test_compressed_tensors_reads_int_quantized_weights(quarot):
     compressor = BaseCompressor.get_value_from_registry(qc.format)
     scheme = qc.config_groups["group_0"]
     state = load_file(str(packed / "model.safetensors"))
-    for name, qw in load_layer(run_dir / "04-quantize" / "layers" / "002.safetensors").items():
+    for name, qw in read_layer(run_dir / "04-quantize" / "layers", 2).weights.items():
         full = f"model.layers.2.{name}"
         entries = {k.removeprefix(full + "."): v for k, v in state.items() if k.startswith(full + ".")}
         assert entries["weight"].dtype == torch.int8

@@ -27,11 +27,12 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_hadamard_r1_to_r4_keep_logits(exact_norms):
-    from qtool.stages.transform import HadamardConfig, apply_rotations, build_rotations
+    from qtool.algorithms.rotation import build_rotations
+    from qtool.methods.transform import apply_rotations
 
     model = _fresh()
     ref = _logits(model)
-    tensors, kinds = build_rotations(model, HadamardConfig(method="hadamard"))
+    tensors, kinds = build_rotations(model.config, ("r1", "r2", "r3", "r4"), seed=0)
     assert {k: v["kind"] for k, v in kinds.items()} == {k: "hadamard" for k in ("r1", "r2", "r3", "r4")}
     apply_rotations(model, spec_for(model.config), tensors, kinds)
     diff = (_logits(model) - ref).abs().max().item()
@@ -39,16 +40,18 @@ def test_hadamard_r1_to_r4_keep_logits(exact_norms):
 
 
 def test_smoothquant_keeps_logits(exact_norms):
-    from qtool.algorithms.smoothing import apply_smoothing, mapping_modules, smoothing_scales
+    from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
+    from qtool.models.arch import LayerView, Shapes
 
     model = _fresh()
     spec = spec_for(model.config)
     ref = _logits(model)
     gen = torch.Generator().manual_seed(0)
     for layer in decoder_layers(model, spec):
-        for producer, readers in mapping_modules(spec).values():
-            w = [layer.get_submodule(r).weight for r in readers]
+        view = LayerView(layer, spec, Shapes.of(model.config))
+        for edge in (spec.edge(m) for m in MAPPINGS):
+            w = reader_weights(view, edge)
             act = torch.rand(w[0].shape[1], generator=gen, dtype=torch.float64) * 50 + 0.01
-            apply_smoothing(layer, producer, readers, smoothing_scales(act, w, 0.5))
+            apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))
     diff = (_logits(model) - ref).abs().max().item()
     assert diff < TOL, diff

@@ -43,7 +43,7 @@ def setup():
     windows = torch.randint(3, 512, (6, 64), generator=torch.Generator().manual_seed(0))
 
     def make() -> Student:
-        sh = OstShapes.of(model.config)
+        sh = OstShapes.of(model.config, spec)
         g = torch.Generator().manual_seed(0)
         r_ov = torch.stack([make_rotation(sh.head_dim, g)[0] for _ in range(sh.layers)])
         t = OstTransforms(sh, make_rotation(sh.hidden, g)[0], r_ov)

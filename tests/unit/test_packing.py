@@ -11,16 +11,15 @@ from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32 as ct_pack_to_int32
 from compressed_tensors.quantization import QuantizationConfig
 
-from qtool.algorithms.packing import (
+from qtool.algorithms.quantizer import QuantizedWeight, rtn_quantize
+from qtool.formats.compressed_tensors import (
     NAIVE_QUANTIZED,
     PACK_QUANTIZED,
     compress_linear,
     format_for,
-    pack_to_int32,
     quantization_config,
-    unpack_from_int32,
 )
-from qtool.algorithms.quantizer import QuantizedWeight, rtn_quantize
+from qtool.formats.intpack import pack_to_int32, unpack_from_int32
 from qtool.schemes import QuantArgs
 
 
@@ -110,8 +109,8 @@ def test_compressed_entries() -> None:
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-@pytest.mark.parametrize("actorder", [False, True])
-def test_quantization_config_validates(name: str, actorder: bool) -> None:
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_quantization_config_validates(name: str, actorder: str | None) -> None:
     args = SCHEMES[name]
     block = quantization_config(
         args,
@@ -124,7 +123,7 @@ def test_quantization_config_validates(name: str, actorder: bool) -> None:
     weights = config.config_groups["group_0"].weights
     assert weights.num_bits == args.bits and weights.symmetric == args.symmetric
     assert weights.strategy == args.granularity and weights.group_size == args.group_size
-    assert weights.actorder == ("weight" if actorder else None)
+    assert weights.actorder == actorder
     assert config.format == PACK_QUANTIZED and config.quantization_status == "compressed"
     json.dumps(block)  # config.json material
 

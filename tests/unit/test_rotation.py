@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.algorithms.rotation import FusedRotations, make_rotation, rotate_model
-from qtool.algorithms.smoothing import apply_smoothing, mapping_modules, smoothing_scales
-from qtool.models.arch import decoder_layers, spec_for
-from qtool.stages.transform import HadamardConfig, apply_rotations, build_rotations
+from qtool.algorithms.rotation import FusedRotations, build_rotations, make_rotation, rotate_model
+from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
+from qtool.methods.transform import apply_rotations
+from qtool.models.arch import LayerView, Shapes, decoder_layers, spec_for
 from tests.conftest import STORIES, require
 
 TOL = 1e-9
@@ -37,7 +37,7 @@ def _logits(model) -> torch.Tensor:
 )
 def test_rotations_keep_logits(model64, rotations):
     ref = _logits(model64)
-    tensors, kinds = build_rotations(model64, HadamardConfig(method="hadamard", rotations=rotations))
+    tensors, kinds = build_rotations(model64.config, rotations, seed=0)
     apply_rotations(model64, spec_for(model64.config), tensors, kinds)
     diff = (_logits(model64) - ref).abs().max().item()
     assert diff < TOL, f"{rotations}: max |Δlogit| = {diff:.3e}"
@@ -51,9 +51,10 @@ def test_rotations_keep_logits(model64, rotations):
 def test_rotation_changes_weights_and_is_deterministic(model64):
     spec = spec_for(model64.config)
     q0 = model64.model.layers[0].self_attn.q_proj.weight.clone()
-    a, ka = build_rotations(model64, HadamardConfig(method="hadamard", seed=3))
-    b, _ = build_rotations(model64, HadamardConfig(method="hadamard", seed=3))
-    c, _ = build_rotations(model64, HadamardConfig(method="hadamard", seed=4))
+    every = ("r1", "r2", "r3", "r4")
+    a, ka = build_rotations(model64.config, every, seed=3)
+    b, _ = build_rotations(model64.config, every, seed=3)
+    c, _ = build_rotations(model64.config, every, seed=4)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["r1"], c["r1"])
     for r in a.values():
         assert (r.T @ r - torch.eye(r.shape[0], dtype=torch.float64)).abs().max() < 1e-12
@@ -80,10 +81,11 @@ def test_smoothing_keeps_logits_and_flattens_activations(model64, alpha):
     handle = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].abs()))
     _logits(model64)
     before = seen["x"].amax(dim=(0, 1))
-    for mapping, (producer, readers) in mapping_modules(spec).items():
-        w = [layer.get_submodule(r).weight for r in readers]
-        act = torch.rand(w[0].shape[1], dtype=torch.float64) * 10 + 0.1 if mapping != "down_proj" else before
-        apply_smoothing(layer, producer, readers, smoothing_scales(act, w, alpha))
+    view = LayerView(layer, spec, Shapes.of(model64.config))
+    for edge in (spec.edge(m) for m in MAPPINGS):
+        w = reader_weights(view, edge)
+        act = torch.rand(w[0].shape[1], dtype=torch.float64) * 10 + 0.1 if edge.name != "down_proj" else before
+        apply_smoothing(view, edge, smoothing_scales(act, w, alpha))
     out = _logits(model64)
     handle.remove()
     after = seen["x"].amax(dim=(0, 1))

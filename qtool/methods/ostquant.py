@@ -1,4 +1,5 @@
-"""The transform stage's ``ostquant`` method: learn OSTQuant's orthogonal + scaling transforms, then fuse them.
+"""The transform stage's ``ostquant`` method (config and handler): learn OSTQuant's orthogonal + scaling transforms,
+then fuse them.
 
 Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R1/R2; with ``init: womi`` composed
 with the eigenvectors of the weights' covariance, ``ostquant.weight_covariances``), scales from 1; online R3/R4
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -34,17 +35,21 @@ from qtool.algorithms.ostquant import (
     womi_rotation,
 )
 from qtool.algorithms.ostquant_train import Student, TrainSettings, train
-from qtool.algorithms.rotation import make_rotation
+from qtool.algorithms.rotation import build_rotations, make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.errors import QtoolError
-from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.methods import quantize as quantize_methods
+from qtool.methods.base import TransformMethod
+from qtool.models.arch import GATED_MLP_EDGES, ArchSpec, decoder_layers
 from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
+from qtool.models.quantizers import attach_quantizers, detach_quantizers
 from qtool.schemes import Scheme
 from qtool.stages.base import StageConfig, StageContext
-from qtool.stages.calibrate import calibration_inputs
-from qtool.stages.quantize import GptqConfig, RtnConfig, attach_quantizers, detach_quantizers
 from qtool.targets import plan_targets
+
+if TYPE_CHECKING:
+    from qtool.recipe import Recipe
 
 TRANSFORMS = "ostquant.safetensors"
 CHECKPOINT = "training-checkpoint.pt"
@@ -121,10 +126,57 @@ class OstQuantConfig(StageConfig):
         return self
 
 
-def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[str, Any]:
-    """Train, store and fuse; returns the summary. ``build_online(model) -> (tensors, kinds)`` gives R3/R4."""
+class OstQuant(TransformMethod):
+    config = OstQuantConfig
+    artifacts = (TRANSFORMS,)
+    fingerprint_sections = ("scheme",)  # trains against the scheme's quantizers: a scheme change must retrain
+
+    def run(self, ctx: StageContext, cfg: OstQuantConfig) -> dict[str, Any]:
+        return run_ostquant(ctx, cfg)
+
+    def apply(self, ctx: StageContext, cfg: OstQuantConfig) -> None:
+        apply_ostquant(ctx, ctx.reader.path("transform") / TRANSFORMS)
+
+    def draws_from_seed(self, cfg: OstQuantConfig) -> bool:
+        return True
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        t = recipe.transform
+        if (
+            t.weight_error == "gptq"
+            and quantize_methods.method_for(recipe.quantize).error_feedback(recipe.quantize) is None
+        ):
+            raise ValueError(
+                "transform.weight_error: gptq trains the transforms for GPTQ's weight error but quantize.method is "
+                f"{recipe.quantize.method}; set quantize.method: gptq or transform.weight_error: rtn"
+            )
+
+    def check_fit(self, recipe: Recipe, spec: ArchSpec) -> None:
+        """Training reads prefixes of the calibration windows (no more than calibration provides), on a device
+        that exists, for a layer whose edges the transforms are defined on."""
+        t, cal = recipe.transform, recipe.calibration
+        if t.n_samples > cal.n_samples:
+            raise QtoolError(
+                f"transform.n_samples: {t.n_samples} exceeds calibration.n_samples={cal.n_samples}; "
+                f"use ≤ {cal.n_samples} or raise calibration.n_samples"
+            )
+        if t.seqlen > cal.seqlen:
+            raise QtoolError(
+                f"transform.seqlen: {t.seqlen} exceeds calibration.seqlen={cal.seqlen}; use ≤ {cal.seqlen}"
+            )
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise QtoolError("transform.device: cuda, but torch sees no CUDA device; use auto or cpu")
+        if spec.edges != GATED_MLP_EDGES:
+            raise QtoolError(
+                f"transform.method: ostquant's transforms are defined for attention + gated-MLP layers, not the "
+                f"{spec.family} family's edges; use transform.method: hadamard"
+            )
+
+
+def run_ostquant(ctx: StageContext, cfg: OstQuantConfig) -> dict[str, Any]:
+    """Train, store and fuse; returns the summary. R3/R4 are the ``hadamard`` method's fixed online rotations."""
     model, spec = ctx.model, ctx.spec
-    online_tensors, kinds = build_online(model)
+    online_tensors, kinds = build_rotations(model.config, cfg.online_rotations, cfg.seed, True)
     online = online_rotations(kinds, online_tensors)
     r4 = online.get("r4")
     t = _init(model, spec, cfg, ctx.recipe.scheme)
@@ -137,7 +189,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
     teacher = ctx.reference_model().to(device)
     model.to(device)
     t.to(device)
-    windows = calibration_inputs(ctx)[: cfg.n_samples, : cfg.seqlen].to(device)
+    windows = ctx.calibration_windows()[: cfg.n_samples, : cfg.seqlen].to(device)
     settings = TrainSettings(
         iterations=cfg.iterations,
         lr_rotation=cfg.lr_rotation,
@@ -152,7 +204,7 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         lr_clip=cfg.lr_clip,
         checkpoint_every=cfg.checkpoint_every,
         weight_error=cfg.weight_error,
-        **_gptq_settings(ctx.recipe.quantize),
+        **(quantize_methods.method_for(ctx.recipe.quantize).error_feedback(ctx.recipe.quantize) or {}),
     )
     start = time.time()
     try:
@@ -199,8 +251,10 @@ def run_ostquant(ctx: StageContext, cfg: OstQuantConfig, build_online) -> dict[s
         losses[0],
         losses[-1],
     )
+    headline = f"ostquant: {cfg.loss} {losses[0]:.4f} → {losses[-1]:.4f} in {seconds:.0f}s, ‖RᵀR−I‖max {ortho:.1e}"
     return {
         "method": "ostquant",
+        "headline": headline,
         "rotations": kinds,
         "loss": cfg.loss,
         "loss_first": losses[0],
@@ -222,7 +276,7 @@ def apply_ostquant(ctx: StageContext, path) -> None:
     online = {k.removeprefix("online."): v for k, v in tensors.items() if k.startswith("online.")}
     rotations = online_rotations(kinds, online)
     r4 = rotations.get("r4")
-    t = OstTransforms(OstShapes.of(ctx.model.config), tensors["r_res"])
+    t = OstTransforms(OstShapes.of(ctx.model.config, ctx.spec), tensors["r_res"])
     missing, _ = t.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("online.")}, strict=False)
     absent = sorted(set(missing) - LATER_TRANSFORMS)  # a file from an older qtool lacks only transforms added since
     if absent:
@@ -233,7 +287,7 @@ def apply_ostquant(ctx: StageContext, path) -> None:
 
 
 def _init(model: torch.nn.Module, spec: ArchSpec, cfg: OstQuantConfig, scheme: Scheme) -> OstTransforms:
-    sh = OstShapes.of(model.config)
+    sh = OstShapes.of(model.config, spec)
     gen = torch.Generator().manual_seed(cfg.seed)
     r_res, _ = make_rotation(sh.hidden, gen)
     r_ov = torch.stack([make_rotation(sh.head_dim, gen)[0] for _ in range(sh.layers)])
@@ -248,14 +302,6 @@ def _init(model: torch.nn.Module, spec: ArchSpec, cfg: OstQuantConfig, scheme: S
         clip_act=act.clip_ratio if act else 1.0,
         clip_kv=kv.clip_ratio if kv else 1.0,
     )
-
-
-def _gptq_settings(quantize: RtnConfig | GptqConfig) -> dict[str, Any]:
-    """Damping and column order of the recipe's GPTQ, which ``weight_error: gptq`` mirrors (the recipe refuses
-    ``weight_error: gptq`` without GPTQ)."""
-    if quantize.method == "gptq":
-        return {"gptq_damp": quantize.damp, "gptq_act_order": quantize.act_order}
-    return {}
 
 
 def _quantizes_activations(scheme: Scheme) -> bool:

@@ -1,0 +1,345 @@
+"""compressed-tensors checkpoints (format 0.20): the layout of quantized linears, ``quantization_config``, the
+packed-checkpoint writer (``write_packed``) and the decoder that turns stored linears back into dense weights.
+
+Facts this module encodes, checked against compressed-tensors 0.20.0:
+
+- ``pack-quantized`` (``PackedQuantizationCompressor``) handles int weights of 1..8 bits, which covers every
+  qtool scheme; llm-compressor writes it for W4A16, W3A16 *and* W8A16 (``int-quantized`` needs quantized
+  activations, ``naive-quantized`` is only the fallback). Per linear it stores, without the module prefix:
+  ``weight_packed`` int32 ``[out, ceil(in * bits / 32)]``, ``weight_scale`` ``[out, n_groups]`` / ``[out, 1]`` /
+  ``[1]`` in the model dtype, ``weight_shape`` int64 ``[2]`` = ``(out, in)``, and for asymmetric grids
+  ``weight_zero_point``: int32 packed along dim 0, ``[ceil(out * bits / 32), n_groups or 1]``, for group and channel,
+  plain int8 ``[1]`` for tensor.
+- Packing is dense (``qtool.formats.intpack``): each value is offset to unsigned (``q + 2**(bits-1)``) and
+  written into a little-endian bit stream; values straddle words when 32 is not a multiple of ``bits``
+  (3-bit). For 2/4/8 bits this is the classic "pack_factor = 32 // bits values per int32, lowest first" layout
+  that every compressed-tensors release and vLLM read; the dense 3-bit layout is new in compressed-tensors 0.20
+  (earlier releases packed 10 values per int32 with 2 padding bits, or refused 3-bit), so 3-bit checkpoints need
+  compressed-tensors >= 0.20 to load.
+- Loading with transformers 5 + compressed-tensors 0.20: symmetric checkpoints and per-tensor asymmetric ones load
+  both ways; asymmetric group/channel ones only with ``CompressedTensorsConfig(dequantize=True)``, because the
+  default compressed load builds ``weight_zero_point`` unpacked (``[out, n_groups]`` int8) and rejects the packed
+  tensor (llm-compressor issue #1618; checkpoints llm-compressor writes have the same packed zero points).
+- ``naive-quantized`` stores ``weight`` int8 ``[out, in]``, ``weight_scale`` and (asymmetric) ``weight_zero_point``
+  int8 unpacked. ``int-quantized`` (``IntQuantizationCompressor``) is the same layout; compressed-tensors picks it
+  (before ``pack-quantized``) for int weights whose scheme also quantizes input activations, so W8A8 and W4A4
+  checkpoints store one int8 per weight.
+- Activation and KV-cache schemes are recorded as ``input_activations`` (``strategy: token``, ``dynamic: true``)
+  and ``kv_cache_scheme`` (qtool's per-head grouping as ``strategy: group`` with ``group_size: head_dim``: the
+  only form compressed-tensors accepts for dynamic quantization).
+- Scales are stored in the model's dtype (``quantizer.scale_dtype_for``): compressed-tensors creates
+  ``weight_scale`` with the weight's dtype and decompresses as ``(q.to(s.dtype) - zp.to(s.dtype)) * s`` in that
+  dtype. ``QuantizedWeight.dequantize(scale.dtype)`` does the same operations, so the two agree bit for bit.
+- Config targets: a plain string matches a module whose full dotted name *equals* it (or a module class name such
+  as ``Linear``); ``re:<regex>`` uses ``re.match`` (anchored at the start only, so end regexes with ``$``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qtool.algorithms.quantizer import QuantizedWeight
+from qtool.artifacts import write_json
+from qtool.errors import QtoolError
+from qtool.formats.hf_checkpoint import CONFIG, config_dict, write_shards
+from qtool.formats.intpack import PACKABLE_BITS, pack_to_int32, unpack_from_int32
+from qtool.formats.layers import LinearFacts
+from qtool.formats.online import write_online
+from qtool.formats.pack_job import PackJob
+from qtool.models.arch import decoder_layers, head_dim_of
+from qtool.models.loading import DTYPES
+from qtool.schemes import QuantArgs
+
+log = logging.getLogger(__name__)
+
+PACK_QUANTIZED = "pack-quantized"
+NAIVE_QUANTIZED = "naive-quantized"
+INT_QUANTIZED = "int-quantized"
+FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
+UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
+# The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
+COMPRESSED_TENSORS_VERSION = "0.20.0"
+
+
+# --- writer ---------------------------------------------------------------------------------------------------
+
+
+def format_for(args: QuantArgs, activations: QuantArgs | None = None) -> str:
+    """compressed-tensors format for weights quantized with ``args``: ``int-quantized`` when the inputs are
+    quantized too, else ``pack-quantized`` for 1..8-bit ints."""
+    if activations is not None:
+        return INT_QUANTIZED
+    return PACK_QUANTIZED if args.bits in PACKABLE_BITS else NAIVE_QUANTIZED
+
+
+def compress_linear(qw: QuantizedWeight, fmt: str | None = None) -> dict[str, Tensor]:
+    """State-dict entries of one quantized linear, without the module prefix (``weight_packed``, ``weight_scale``,
+    ``weight_shape``, ``weight_zero_point`` when asymmetric), in ``fmt`` (default ``format_for(qw.args)``).
+
+    Tensors are contiguous and ready for safetensors; the scale keeps ``qw.scale``'s dtype.
+    """
+    fmt = fmt or format_for(qw.args)
+    args = qw.args
+    out: dict[str, Tensor] = {}
+    if fmt == PACK_QUANTIZED:
+        out["weight_packed"] = pack_to_int32(qw.q, args.bits)
+        out["weight_shape"] = torch.tensor(list(qw.shape), dtype=torch.int64)
+    elif fmt in UNPACKED:
+        out["weight"] = qw.q.contiguous()
+    else:
+        raise ValueError(f"unknown format '{fmt}'; qtool writes one of {FORMATS}")
+    out["weight_scale"] = qw.scale.contiguous()
+    if qw.zero_point is not None:
+        if fmt == PACK_QUANTIZED and args.granularity in ("group", "channel"):
+            out["weight_zero_point"] = pack_to_int32(qw.zero_point, args.bits, packed_dim=0)
+        else:
+            out["weight_zero_point"] = qw.zero_point.contiguous()
+    return out
+
+
+def quantization_config(
+    weight_args: QuantArgs,
+    targets: list[str],
+    ignore: list[str],
+    fmt: str,
+    *,
+    actorder: str | None = None,
+    input_activations: QuantArgs | None = None,
+    kv_cache: QuantArgs | None = None,
+    head_dim: int | None = None,
+    version: str = COMPRESSED_TENSORS_VERSION,
+) -> dict[str, Any]:
+    """The ``quantization_config`` block of config.json for one scheme (config group ``group_0``).
+
+    ``targets``: full dotted module names (exact match) or ``re:`` regexes (``re.match``, end them with ``$``);
+    ``ignore``: names or regexes excluded from the targets (e.g. ``lm_head``). ``actorder`` records the column order
+    a method used (GPTQ's ``"weight"``: activation order with static groups); it does not change the stored layout.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; qtool writes one of {FORMATS}")
+    if weight_args.dynamic or weight_args.granularity == "token":
+        raise ValueError("weights are quantized statically with tensor, channel or group granularity")
+    if not targets:
+        raise ValueError("quantization_config needs at least one target module")
+    weights: dict[str, Any] = {
+        "num_bits": weight_args.bits,
+        "type": "int",
+        "symmetric": weight_args.symmetric,
+        "strategy": weight_args.granularity,
+        "group_size": weight_args.group_size,
+        "dynamic": False,
+        "observer": weight_args.observer,
+    }
+    if actorder:
+        weights["actorder"] = actorder
+    scheme = {
+        "targets": list(targets),
+        "weights": weights,
+        "input_activations": _dynamic_args(input_activations),
+        "output_activations": None,
+        "format": fmt,
+    }
+    return {
+        "config_groups": {"group_0": scheme},
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": _dynamic_args(kv_cache, head_dim),
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": version,
+    }
+
+
+def _dynamic_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[str, Any] | None:
+    """compressed-tensors ``QuantizationArgs`` of a dynamic activation or KV-cache quantizer. compressed-tensors
+    allows only token/tensor/group strategies for dynamic quantization, so qtool's per-head KV grouping is written
+    as ``group`` with ``group_size = head_dim`` (the same grouping)."""
+    if args is None:
+        return None
+    head = args.granularity == "head"
+    return {
+        "num_bits": args.bits,
+        "type": "int",
+        "symmetric": args.symmetric,
+        "strategy": "group" if head else args.granularity,
+        "group_size": head_dim if head else args.group_size,
+        "dynamic": True,
+        "observer": None,
+    }
+
+
+def write_packed(job: PackJob) -> dict[str, Any]:
+    """Write the compressed-tensors checkpoint of ``job`` into ``job.out``; returns the pack summary (bytes, the
+    bf16 baseline, tensor count, bytes of the quantized linears)."""
+    dtype = DTYPES[job.dtype] if job.dtype else None
+    tensors, groups, linear_bytes, linear_params = _collect(job, dtype)
+    sizes = write_shards(job.out, tensors, job.max_shard_bytes)
+    config = config_dict(job.model.config)
+    if dtype is not None:
+        config["dtype"] = job.dtype
+    config["quantization_config"] = _config_for(groups, job)
+    write_online(job.out, job.model, config)
+    write_json(job.out / CONFIG, config)
+    if getattr(job.model, "generation_config", None) is not None:
+        job.model.generation_config.save_pretrained(job.out)
+    job.tokenizer.save_pretrained(job.out)
+    log.info("pack: %d tensors, %.1f MB in %s", len(tensors), sum(sizes) / 1e6, job.out)
+    return {
+        "bytes": sum(sizes),
+        "bf16_bytes": _bf16_bytes(job.model),
+        "tensors": len(tensors),
+        "quantized_linear_bytes": linear_bytes,  # packed weights + scales + zero points
+        "quantized_linear_bf16_bytes": 2 * linear_params,
+    }
+
+
+@dataclasses.dataclass
+class _Group:
+    """Linears that share one config group: the same weight arguments and the same facts."""
+
+    args: QuantArgs
+    facts: LinearFacts
+    names: list[str]
+
+
+def _collect(job: PackJob, dtype: torch.dtype | None):
+    """State dict with each quantized linear's weight replaced by its compressed tensors."""
+    state = dict(job.model.state_dict())
+    if getattr(job.model.config, "tie_word_embeddings", False):
+        state.pop(f"{job.spec.lm_head}.weight", None)  # tied to the embedding; transformers re-ties on load
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    groups: dict[str, _Group] = {}
+    linear_bytes = linear_params = 0
+    for i, _ in enumerate(decoder_layers(job.model, job.spec)):
+        ckpt = job.layer(i)
+        for name, qw in ckpt.weights.items():
+            full = f"{job.spec.layers}.{i}.{name}"
+            del state[f"{full}.weight"]
+            if dtype is not None:
+                qw = dataclasses.replace(qw, scale=qw.scale.to(dtype))
+            for key, t in compress_linear(qw, format_for(qw.args, job.scheme.input_activations)).items():
+                state[f"{full}.{key}"] = t
+                linear_bytes += t.numel() * t.element_size()
+            linear_params += qw.q.numel()
+            facts = ckpt.facts[name]
+            key = json.dumps([qw.args.model_dump(mode="json"), facts.actorder], sort_keys=True)
+            groups.setdefault(key, _Group(qw.args, facts, [])).names.append(full)
+    return state, list(groups.values()), linear_bytes, linear_params
+
+
+def _config_for(groups: list[_Group], job: PackJob) -> dict[str, Any]:
+    """The ``quantization_config``.
+
+    With one config group the config reads as llm-compressor writes it: ``targets: [Linear]`` and every
+    unquantized linear (lm_head included) in ``ignore``, which vLLM maps onto its fused qkv/gate-up modules. With
+    several (e.g. g32 linears plus the per-channel fallback of a linear whose in_features 32 does not divide), one
+    config group per set, each listing its modules by full name.
+    """
+    scheme = job.scheme
+    extra = dict(input_activations=scheme.input_activations, kv_cache=scheme.kv_cache)
+    extra["head_dim"] = head_dim_of(job.model.config)
+    quantized = {name for g in groups for name in g.names}
+    linears = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ignore = [n for n in linears if n not in quantized]
+    if len(groups) == 1:
+        g = groups[0]
+        fmt = format_for(g.args, scheme.input_activations)
+        return quantization_config(g.args, ["Linear"], ignore, fmt, actorder=g.facts.actorder, **extra)
+    merged: dict[str, Any] = {}
+    for i, g in enumerate(groups):
+        fmt = format_for(g.args, scheme.input_activations)
+        qc = quantization_config(g.args, g.names, ignore, fmt, actorder=g.facts.actorder, **extra)
+        merged = merged or {**qc, "config_groups": {}}  # all groups share the bit width, hence the format
+        merged["config_groups"][f"group_{i}"] = qc["config_groups"]["group_0"]
+    return merged
+
+
+def _bf16_bytes(model: torch.nn.Module) -> int:
+    """Size of the same model stored in bfloat16 (tied weights once): the usual unquantized baseline."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 2
+    return total
+
+
+# --- decoder --------------------------------------------------------------------------------------------------
+
+
+def decompress_linears(
+    state: dict[str, Tensor], qc: dict[str, Any], linear_types: dict[str, str], dtype: torch.dtype
+) -> None:
+    """Replace, in ``state``, every quantized linear's stored tensors by its dense ``weight`` in ``dtype``.
+
+    ``qc``: the checkpoint's ``quantization_config``; ``linear_types``: module name -> class name of every linear of
+    the model (config targets may name a class, e.g. ``Linear``). Decompression is compressed-tensors' own
+    arithmetic (``QuantizedWeight.dequantize`` in the scale dtype), so the weights are bit-identical to its."""
+    for prefix in sorted(k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")):
+        args = _weight_args(group_for(prefix, linear_types, qc)["weights"])
+        state[f"{prefix}.weight"] = _decompress(state, prefix, args).to(dtype)
+
+
+def input_quant_of(name: str, linear_types: dict[str, str], qc: dict[str, Any]) -> QuantArgs | None:
+    """The dynamic int input quantizer a foreign checkpoint's config gives linear ``name`` (``None``: none)."""
+    group = group_for(name, linear_types, qc, required=False)
+    act = (group or {}).get("input_activations")
+    if not (act and act.get("dynamic") is True and act.get("type", "int") == "int"):
+        return None
+    return QuantArgs(
+        bits=act["num_bits"],
+        symmetric=act["symmetric"],
+        granularity=act["strategy"],
+        group_size=act.get("group_size") if act["strategy"] == "group" else None,
+        dynamic=True,
+    )
+
+
+def group_for(prefix: str, linear_types: dict[str, str], qc: dict, required: bool = True) -> dict | None:
+    """The config group whose targets match module ``prefix`` (and that ``ignore`` does not exclude)."""
+    ignored = any(_hit(p, prefix, linear_types) for p in qc.get("ignore", []))
+    for group in qc["config_groups"].values():
+        if not ignored and any(_hit(t, prefix, linear_types) for t in group["targets"]):
+            return group
+    if required:
+        raise QtoolError(f"model: {prefix} is quantized but no config group of quantization_config targets it")
+    return None
+
+
+def _hit(target: str, prefix: str, linear_types: dict[str, str]) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], prefix) is not None
+    return target in (prefix, linear_types.get(prefix))
+
+
+def _weight_args(w: dict) -> QuantArgs:
+    return QuantArgs(
+        bits=w["num_bits"],
+        symmetric=w["symmetric"],
+        granularity=w["strategy"],
+        group_size=w.get("group_size") if w["strategy"] == "group" else None,
+    )
+
+
+def _decompress(state: dict[str, Tensor], prefix: str, args: QuantArgs) -> Tensor:
+    if f"{prefix}.weight_packed" in state:
+        shape = tuple(int(x) for x in state.pop(f"{prefix}.weight_shape").tolist())
+        q = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), args.bits, shape)
+    else:  # int-quantized / naive-quantized: one int8 per weight
+        q = state.pop(f"{prefix}.weight")
+    scale = state.pop(f"{prefix}.weight_scale")
+    zp = state.pop(f"{prefix}.weight_zero_point", None)
+    if zp is not None and zp.dtype == torch.int32:
+        zp = unpack_from_int32(zp, args.bits, tuple(scale.shape), packed_dim=0)
+    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args).dequantize(scale.dtype)

@@ -1,0 +1,96 @@
+"""The quantize stage's layer checkpoints: ``layers/NNN.safetensors``, one per finished decoder layer.
+
+Per quantized linear (``name`` relative to the layer, e.g. ``mlp.down_proj``): tensors ``<name>.q`` int8
+``[out, in]``, ``<name>.scale`` and, for asymmetric grids, ``<name>.zero_point`` (shapes of
+``qtool.algorithms.quantizer.QuantizedWeight``). Metadata: ``format`` (``LAYER_FORMAT``), ``args`` (each linear's
+``QuantArgs`` as JSON) and ``facts`` (each linear's ``LinearFacts``: which method made it and how its columns were
+ordered), so that pack reads everything it writes from here and never re-derives it from the recipe.
+
+Written atomically (``save_tensors``); a file is either whole or absent. A file without ``facts`` predates them and
+is refused by ``read_layer`` (``ArtifactError``): the quantize stage then recomputes that layer, pack names
+``--from-stage quantize``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qtool.algorithms.quantizer import QuantizedWeight
+from qtool.artifacts import load_tensors, save_tensors
+from qtool.errors import ArtifactError
+from qtool.schemes import QuantArgs
+
+LAYERS = "layers"
+LAYER_FORMAT = "qtool.layer/2"
+
+
+@dataclass(frozen=True)
+class LinearFacts:
+    """What the weight method tells the packer about one linear beyond its integers and ``QuantArgs``.
+
+    ``actorder``: compressed-tensors' activation-order tag (``"weight"``: columns were visited in ``diag(H)`` order
+    with static groups, which changes nothing in the stored layout), or ``None``."""
+
+    method: str
+    actorder: str | None = None
+
+
+@dataclass
+class LayerCheckpoint:
+    """One decoder layer's quantized linears and their facts, keyed by linear name."""
+
+    weights: dict[str, QuantizedWeight]
+    facts: dict[str, LinearFacts]
+
+
+def layer_file(layers_dir: Path, index: int) -> Path:
+    return layers_dir / f"{index:03d}.safetensors"
+
+
+def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> None:
+    tensors = {}
+    for name, qw in checkpoint.weights.items():
+        tensors[f"{name}.q"] = qw.q
+        tensors[f"{name}.scale"] = qw.scale
+        if qw.zero_point is not None:
+            tensors[f"{name}.zero_point"] = qw.zero_point
+    metadata = {
+        "format": LAYER_FORMAT,
+        "args": json.dumps(
+            {n: qw.args.model_dump(mode="json") for n, qw in checkpoint.weights.items()}, sort_keys=True
+        ),
+        "facts": json.dumps({n: asdict(f) for n, f in checkpoint.facts.items()}, sort_keys=True),
+    }
+    save_tensors(layer_file(layers_dir, index), tensors, metadata=metadata)
+
+
+def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
+    """Raises ``ArtifactError`` naming the file when it is unreadable or predates ``LAYER_FORMAT``."""
+    from safetensors import safe_open
+
+    path = layer_file(layers_dir, index)
+    tensors = load_tensors(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != LAYER_FORMAT or "facts" not in meta:
+        raise ArtifactError(
+            f"{path} was written by an older qtool (no {LAYER_FORMAT} facts); rerun with --from-stage quantize"
+        )
+    args, facts = json.loads(meta["args"]), json.loads(meta["facts"])
+    weights = {
+        name: QuantizedWeight(
+            q=tensors[f"{name}.q"],
+            scale=tensors[f"{name}.scale"],
+            zero_point=tensors.get(f"{name}.zero_point"),
+            args=QuantArgs.model_validate(a),
+        )
+        for name, a in args.items()
+    }
+    return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()})
+
+
+def finished_layers(layers_dir: Path) -> int:
+    """How many layer files an interrupted quantize stage left (for ``qtool status``)."""
+    return len(list(layers_dir.glob("*.safetensors"))) if layers_dir.is_dir() else 0
