@@ -8,26 +8,54 @@ MODEL ?= ../shared/assets/models/smollm2-135m-instruct-q4_1-gguf
 # 32 calibration windows of 512 tokens, 8 evaluation windows of 2048 tokens.
 DEMO_ARGS ?= --set calibration.n_samples=32 --set evaluate.max_tokens=16384
 
-.PHONY: install demo test test-slow bench regress lint schema-docs clean
+# The vector ISA a second numeric test pass emulates (`make test-avx2`): an AVX2-only x86-64 CPU, for ATen's
+# kernels, MKL's BLAS and oneDNN alike. Results on AVX-512/AMX machines differ in the last bits (docs/ci.md).
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+LATEST_VENV ?= .venv-latest
+
+.PHONY: install demo test test-unit test-avx2 test-slow test-latest lock bench regress lint schema-docs clean
 
 install: $(VENV)/.installed
 
 # torch is installed first and pinned to the CPU build: an unpinned torch pulls gigabytes of CUDA packages.
-$(VENV)/.installed: pyproject.toml
+# Everything else is pinned by constraints.txt (the versions the suite passes with).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[eval,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[eval,dev]"
 	touch $@
 
 demo: install
 	$(BIN)/qtool quantize --recipe recipes/w4a16-gptq.yaml --model $(MODEL) --run-dir runs/demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# Unit tests only: no pipeline runs (about a minute).
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+# The numeric tests again on an emulated AVX2-only CPU (CI runs this after `make test`).
+test-avx2: install
+	$(AVX2_ENV) $(BIN)/python -m pytest -q -m numeric tests
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
+
+# The suite against the newest releases of every dependency (torch stays the pinned CPU build), in its own venv.
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[eval,dev]"
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE "^(transformers|compressed-tensors|lm.eval)=="
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Re-pin constraints.txt to what test-latest installed (after it passed).
+lock:
+	{ sed -n '/^# /p' constraints.txt; echo "torch==2.13.0"; $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v "^torch=="; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 bench: install
 	$(BIN)/python bench/run.py --model $(MODEL) --out bench/results.json

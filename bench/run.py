@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from qtool.methods import transform as transform_methods
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def draws_from_seed(recipe: str, overrides: list[str]) -> bool:
     """Whether the row's resolved transform depends on ``transform.seed``: randomized Hadamards, and OSTQuant (which
     starts from its seed's Hadamard and samples its training windows with it)."""
     transform = load_recipe(ROOT / recipe, overrides).transform
-    return transform.method == "ostquant" or (transform.method == "hadamard" and transform.random)
+    return transform_methods.method_for(transform).draws_from_seed(transform)
 
 
 # `--seeds` reruns these rows as `<row>-seed<N>` rows with `transform.seed=N`, kept beside the seed-0 row
@@ -124,7 +125,7 @@ def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_
         "outliers_worst": outliers.get("worst", [])[:5],
         "before_after": transform.get("before_after", [])[:5],
         "ostquant": {k: transform[k] for k in ("loss_first", "loss_last", "train_seconds", "orthogonality_error")}
-        if transform.get("method") == "ostquant"
+        if "loss_first" in transform  # a training transform's summary
         else None,
         "quantize_seconds": q["seconds"],
         "calibrate_seconds": summary["calibrate"]["seconds"],

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from qtool import __version__
+from qtool.arch import spec_for
 from qtool.artifacts import ArtifactReader, StageWriter, read_manifest, verify, write_json
+from qtool.context import Progress, StageContext, no_progress
 from qtool.errors import ArtifactError, QtoolError
 from qtool.formats.run_dir import RECIPE, RUN_JSON, STAGE_DIRS, STAGE_ORDER
-from qtool.models.arch import spec_for
-from qtool.models.loading import load_model, model_identity, resolve_source
+from qtool.loading import load_model, model_identity, resolve_source
 from qtool.recipe import Recipe
-from qtool.stages.base import Progress, Stage, StageContext, no_progress
+from qtool.stages.base import Stage
 from qtool.stages.calibrate import Calibrate
 from qtool.stages.evaluate import Evaluate
 from qtool.stages.outliers import Outliers

@@ -74,7 +74,10 @@ class Scheme(BaseModel):
     """What to quantize and how.
 
     ``targets`` and ``ignore`` match linear-module names: a plain string matches a name equal to it or ending in
-    ``.<string>`` (``down_proj``, ``layers.0.mlp.down_proj``); ``re:<regex>`` matches with ``re.fullmatch``.
+    ``.<string>`` (``down_proj``, ``layers.0.mlp.down_proj``); ``re:<regex>`` matches with ``re.fullmatch``. Only
+    the linears of the decoder layers are candidates (``ArchSpec.layer_linears``: q/k/v/o/gate/up/down in a Llama,
+    qkv_proj/o_proj/gate_up_proj/down_proj in a Phi-3), so the default ``re:.*`` quantizes all of them and the
+    embeddings and lm_head never.
     ``group_fallback`` says what happens to a targeted linear whose ``in_features`` the group size does not divide
     (stories260K's down_proj has 172): ``error`` (default: validation names the layer and a size that works),
     ``channel`` (that linear gets per-channel scales) or ``ignore`` (it stays unquantized).
@@ -89,7 +92,9 @@ class Scheme(BaseModel):
     weights: QuantArgs
     input_activations: QuantArgs | None = None
     kv_cache: QuantArgs | None = None
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets: tuple[str, ...] = Field(
+        ("re:.*",), description="linears to quantize among the decoder layers' (default: every one of them)"
+    )
     ignore: tuple[str, ...] = ()
     group_fallback: Literal["error", "channel", "ignore"] = "error"
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from qtool.arch import ArchSpec
 from qtool.errors import QtoolError
-from qtool.models.arch import ArchSpec
 from qtool.schemes import QuantArgs, Scheme
 
 

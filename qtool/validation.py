@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from qtool.arch import decoder_layers, head_dim_of, spec_for
 from qtool.errors import QtoolError
+from qtool.loading import load_config, resolve_source
 from qtool.methods import transform as transform_methods
-from qtool.models.arch import decoder_layers, head_dim_of, spec_for
-from qtool.models.loading import load_config, resolve_source
 from qtool.recipe import Recipe
 from qtool.targets import plan_targets
 

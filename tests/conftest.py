@@ -82,9 +82,57 @@ def exact_norms(monkeypatch):
     formula computed in float64 so that they can assert 1e-9.
     """
     from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
 
     def forward(self, hidden_states):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_phi3.Phi3RMSNorm, "forward", forward)
+
+
+def tiny_phi3(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A Phi-3 causal LM (fused ``qkv_proj`` and ``gate_up_proj``) with seeded random weights and random norm gains:
+    hidden 64, 4 query heads over 2 KV heads of 16, MLP 96 (a Kronecker Hadamard 12·8 exists), 2 layers, the
+    stories260K vocabulary (512), so the stories tokenizer and data drive it."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    config = Phi3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # gains away from 1, so fusing them is tested
+                p.copy_(0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64).to(dtype))
+            elif p.ndim == 2:  # larger than the 0.02 init: logits that differ between tokens
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.15)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def phi3_dir(tmp_path):
+    """``tiny_phi3`` saved as a local HF model directory with the stories260K tokenizer."""
+    require(STORIES)
+    import shutil
+
+    path = tmp_path / "tiny-phi3"
+    tiny_phi3().save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(STORIES / name, path / name)
+    return path

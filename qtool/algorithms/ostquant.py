@@ -20,7 +20,7 @@ Row-vector convention (``y = x Wᵀ``, ``W: [out, in]``); ``R`` orthogonal, ``s`
 ``layer_weights`` returns a decoder layer's transformed weights as a function of the parameters (differentiable,
 used for training through ``torch.func.functional_call``, and in float64 for the final fusion), so one formula
 serves both. It reads and returns *logical* parameters (``"q.weight"``, ``"attn_norm.weight"``: see
-``qtool.models.arch``), so families that fuse q/k/v or gate/up into one linear (Phi-3) are transformed by row
+``qtool.arch``), so families that fuse q/k/v or gate/up into one linear (Phi-3) are transformed by row
 blocks; the transforms follow the edges of a pre-norm attention + gated-MLP layer (``GATED_MLP_EDGES``). Scales
 are stored as logarithms (``s = exp(log_s)``): always positive, identity at 0.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qtool.models.arch import ArchSpec, LayerView, Shapes, decoder_layers
+from qtool.arch import ArchSpec, LayerView, Shapes, decoder_layers
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ The rotations (QuaRot, Ashkboos et al. 2024):
   ``x -> x R4``), so its readers get ``W_down <- W_down R4`` here. **R3** needs no weight change (queries
   and keys are both rotated online after RoPE).
 
-Edges and projections come from the family table (``qtool.models.arch``), so fused q/k/v or gate/up weights
+Edges and projections come from the family table (``qtool.arch``), so fused q/k/v or gate/up weights
 (Phi-3) are rotated by their row blocks. All arithmetic runs in float64 on copies of the touched weights, which
 are cast back to their dtype once.
 """
@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qtool.algorithms.hadamard import hadamard_matrix, orthonormal_hadamard, random_orthogonal, random_signs
-from qtool.models.arch import ArchSpec, LayerView, Shapes, decoder_layers, head_dim_of
+from qtool.arch import ArchSpec, LayerView, Shapes, decoder_layers, head_dim_of
 
 log = logging.getLogger(__name__)
 

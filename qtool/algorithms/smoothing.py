@@ -1,6 +1,6 @@
 """SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights with per-channel scales.
 
-For an edge (``qtool.models.arch.Edge``: linears that read the same input ``X``, channels ``j``, and what produces
+For an edge (``qtool.arch.Edge``: linears that read the same input ``X``, channels ``j``, and what produces
 ``X``):
 
     s_j = max|X_j| ** alpha / max_{readers, rows} |W_{:, j}| ** (1 - alpha)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtool.models.arch import Edge, LayerView
+from qtool.arch import Edge, LayerView
 
 # The edges smoothed by default (recipe ``transform.mappings``), by edge name.
 MAPPINGS = ("qkv", "gate_up", "down_proj")

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from qtool.errors import QtoolError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,17 +69,3 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one line to stderr and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def main() -> None:
-    """Console-script entry point: user errors become one line and exit code 2, never a traceback."""
-    from qtool.cli import commands  # noqa: F401  (registers commands on ``app``)
-
-    try:
-        app()
-    except QtoolError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; re-run the same command to resume")
-        sys.exit(130)

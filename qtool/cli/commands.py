@@ -1,9 +1,24 @@
-"""Registers every command group on the app (imported once by ``qtool.cli.app.main``)."""
+"""The console-script entry point: registers every command group on the app and runs it."""
+
+import sys
 
 from qtool.cli import eval_cmd, inspect_cmd, quantize_cmd, regress_cmd
-from qtool.cli.app import app
+from qtool.cli.app import app, err_console
+from qtool.errors import QtoolError
 
 quantize_cmd.register(app)
 eval_cmd.register(app)
 regress_cmd.register(app)
 inspect_cmd.register(app)
+
+
+def main() -> None:
+    """User errors become one line and exit code 2, never a traceback."""
+    try:
+        app()
+    except QtoolError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        sys.exit(130)

@@ -72,7 +72,7 @@ def _run(model, tasks, limit, batch_size, seqlen, max_tokens, data_dir, tokenize
     from qtool.eval.lmeval import offline
     from qtool.eval.results import evaluate, text_files
     from qtool.eval.tasks import default_data_dir, parse_tasks, task_files
-    from qtool.models.loading import DTYPES, load_model, model_identity
+    from qtool.loading import DTYPES, load_model, model_identity
 
     if tasks is None:
         names = [] if texts else ["wikitext2"]
@@ -114,7 +114,7 @@ def resolve_eval_model(model: str, tokenizer: str | None = None):
     """``(ModelSource, info)``. A run directory (one holding ``run.json``) means its packed model,
     ``RUN_DIR/05-pack/model`` (an HF dir whose config.json has ``quantization_config``; transformers loads it
     through compressed-tensors)."""
-    from qtool.models.loading import resolve_source
+    from qtool.loading import resolve_source
 
     info: dict = {"path": model}
     if (Path(model).expanduser() / "run.json").is_file():

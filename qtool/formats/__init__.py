@@ -13,5 +13,5 @@
 - ``pack_job`` / ``registry``: what the pack stage hands a packed-format writer, and the table of writers
   (``PACKED_FORMATS``) whose keys ``pack.format`` takes.
 
-No module here imports ``qtool.stages``.
+Nothing here imports a stage: stages, loaders and the CLI import these contracts, never the reverse.
 """

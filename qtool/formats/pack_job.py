@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from qtool.arch import ArchSpec
 from qtool.formats.layers import LayerCheckpoint
-from qtool.models.arch import ArchSpec
 from qtool.schemes import Scheme
 
 
@@ -18,7 +18,7 @@ from qtool.schemes import Scheme
 class PackJob:
     """``model``: as the earlier stages left it (transforms fused, online pieces attached, linears holding their
     dequantized weights); ``layer(i)``: the quantize stage's checkpoint of decoder layer ``i`` (the exact integers
-    and scales to store); ``dtype``: name of the dtype of unquantized tensors and scales (``None``: the model's own);
+    and scales to store); ``dtype``: of unquantized tensors and scales (``None``: the model's own);
     ``out``: the directory to write."""
 
     model: torch.nn.Module
@@ -27,5 +27,5 @@ class PackJob:
     scheme: Scheme
     layer: Callable[[int], LayerCheckpoint]
     out: Path
-    dtype: str | None
+    dtype: torch.dtype | None
     max_shard_bytes: int

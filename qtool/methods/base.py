@@ -2,7 +2,8 @@
 section) and a handler that states the method's facts and does its work.
 
 Facts are class attributes, read by the stage, the pipeline, validation, ``qtool stages`` and the benchmarks
-instead of comparing method names.
+instead of comparing method names. A ``recipe`` argument is a ``qtool.recipe.Recipe`` (typed ``Any``: the recipe
+module is built from these tables, so importing it here would close a loop).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from qtool.algorithms.quantizer import QuantizedWeight
 from qtool.formats.layers import LinearFacts
 
 if TYPE_CHECKING:
-    from qtool.models.arch import ArchSpec
+    from qtool.arch import ArchSpec
+    from qtool.context import StageConfig, StageContext
     from qtool.models.walker import LayerStep
-    from qtool.recipe import Recipe
-    from qtool.stages.base import StageConfig, StageContext
     from qtool.targets import Target
 
 
@@ -81,11 +81,11 @@ class TransformMethod:
     def draws_from_seed(self, cfg: Any) -> bool:
         return False
 
-    def check_recipe(self, recipe: Recipe) -> None:
+    def check_recipe(self, recipe: Any) -> None:
         """Raise ``ValueError`` (message starting with the field's dotted path) on a combination of recipe sections
         this method cannot run; called while the recipe validates."""
         return None
 
-    def check_fit(self, recipe: Recipe, spec: ArchSpec) -> None:
+    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
         """Raise ``QtoolError`` when this machine or model cannot run the method (``qtool validate``)."""
         return None

@@ -5,7 +5,7 @@ Run: R_res and R_ov start from randomized Hadamards (the ``hadamard`` method's R
 with the eigenvectors of the weights' covariance, ``ostquant.weight_covariances``), scales from 1; online R3/R4
 are the fixed Hadamards of the ``hadamard`` method. The student quantizes as the recipe's scheme does (weights RTN
 with a straight-through estimator unless ``train_weight_quant: false``, activations and KV cache dynamically), the
-teacher is the unquantized model, and only the transforms train (``qtool.algorithms.ostquant_train``; rotation
+teacher is the unquantized model, and only the transforms train (``qtool.methods.ostquant_train``; rotation
 steps within the ``max_angle`` trust region). Training state is checkpointed every
 ``checkpoint_every`` iterations inside the stage's uncommitted directory, so a killed run resumes mid-training.
 Afterwards the transforms are fused into the weights in float64 (``qtool.algorithms.ostquant.fuse``) and the
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -34,22 +34,19 @@ from qtool.algorithms.ostquant import (
     weight_covariances,
     womi_rotation,
 )
-from qtool.algorithms.ostquant_train import Student, TrainSettings, train
 from qtool.algorithms.rotation import build_rotations, make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
+from qtool.arch import GATED_MLP_EDGES, ArchSpec, decoder_layers
 from qtool.artifacts import load_tensors, save_tensors
+from qtool.context import StageConfig, StageContext
 from qtool.errors import QtoolError
 from qtool.methods import quantize as quantize_methods
 from qtool.methods.base import TransformMethod
-from qtool.models.arch import GATED_MLP_EDGES, ArchSpec, decoder_layers
+from qtool.methods.ostquant_train import Student, TrainSettings, train
 from qtool.models.online import CLIP_ATTR, attach_rotations, online_rotations
 from qtool.models.quantizers import attach_quantizers, detach_quantizers
 from qtool.schemes import Scheme
-from qtool.stages.base import StageConfig, StageContext
 from qtool.targets import plan_targets
-
-if TYPE_CHECKING:
-    from qtool.recipe import Recipe
 
 TRANSFORMS = "ostquant.safetensors"
 CHECKPOINT = "training-checkpoint.pt"
@@ -140,7 +137,7 @@ class OstQuant(TransformMethod):
     def draws_from_seed(self, cfg: OstQuantConfig) -> bool:
         return True
 
-    def check_recipe(self, recipe: Recipe) -> None:
+    def check_recipe(self, recipe: Any) -> None:
         t = recipe.transform
         if (
             t.weight_error == "gptq"
@@ -151,7 +148,7 @@ class OstQuant(TransformMethod):
                 f"{recipe.quantize.method}; set quantize.method: gptq or transform.weight_error: rtn"
             )
 
-    def check_fit(self, recipe: Recipe, spec: ArchSpec) -> None:
+    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
         """Training reads prefixes of the calibration windows (no more than calibration provides), on a device
         that exists, for a layer whose edges the transforms are defined on."""
         t, cal = recipe.transform, recipe.calibration

@@ -19,13 +19,13 @@ from pydantic import Field
 
 from qtool.algorithms.gptq import gptq_quantize
 from qtool.algorithms.quantizer import rtn_quantize, scale_dtype_for
+from qtool.arch import ArchSpec
+from qtool.context import StageConfig
 from qtool.formats.layers import LinearFacts
 from qtool.methods.base import LayerResult, WeightMethod
-from qtool.models.arch import ArchSpec
 from qtool.models.observers import HessianObserver
 from qtool.models.quantizers import set_dequantized
 from qtool.models.walker import LayerStep
-from qtool.stages.base import StageConfig
 from qtool.targets import Target
 
 

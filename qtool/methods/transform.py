@@ -26,14 +26,14 @@ from pydantic import Field
 
 from qtool.algorithms.rotation import FusedRotations, build_rotations, rotate_model
 from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
+from qtool.arch import ArchSpec, LayerView, Shapes, decoder_layers
 from qtool.artifacts import load_tensors, save_tensors
+from qtool.context import StageConfig, StageContext
 from qtool.methods.base import TransformMethod
 from qtool.methods.ostquant import OstQuant, OstQuantConfig
-from qtool.models.arch import ArchSpec, LayerView, Shapes, decoder_layers
 from qtool.models.observers import AbsmaxObserver
 from qtool.models.online import attach_rotations, online_rotations
 from qtool.models.walker import LayerWalker
-from qtool.stages.base import StageConfig, StageContext
 
 ROTATIONS = "rotations.safetensors"
 SCALES = "scales.safetensors"

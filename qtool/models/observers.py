@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from qtool.algorithms.gptq import HessianAccumulator
 from qtool.algorithms.outlier_metrics import ActivationStats
-from qtool.models.arch import ArchSpec, Edge
+from qtool.arch import ArchSpec, Edge
 
 
 class _EdgeObserver:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from qtool.algorithms.actquant import fake_quantize_dynamic
 from qtool.algorithms.hadamard import fast_hadamard
-from qtool.models.arch import ArchSpec
+from qtool.arch import ArchSpec
 from qtool.schemes import QuantArgs
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from qtool.algorithms.quantizer import QuantizedWeight
-from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.arch import ArchSpec, decoder_layers
 from qtool.models.online import CLIP_ATTR, attention_state, input_hook
 from qtool.schemes import QuantArgs, Scheme
 from qtool.targets import Target

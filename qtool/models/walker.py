@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from qtool.models.arch import ArchSpec, decoder_layers
+from qtool.arch import ArchSpec, decoder_layers
 
 
 class Observer(Protocol):

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from qtool.algorithms.outlier_metrics import outlier_channels, weight_stats
+from qtool.arch import ArchSpec
 from qtool.formats.outliers import OutlierReport, save_report
-from qtool.models.arch import ArchSpec
 from qtool.models.observers import InputStatsObserver
 from qtool.models.walker import LayerWalker
 

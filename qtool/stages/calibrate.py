@@ -7,9 +7,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from qtool.context import StageConfig, StageContext
 from qtool.data import check_span, file_sha256, load_text, sample_windows, tokenize
 from qtool.formats.calibration import write_windows
-from qtool.stages.base import Stage, StageConfig, StageContext
+from qtool.stages.base import Stage
 
 
 class CalibrationConfig(StageConfig):

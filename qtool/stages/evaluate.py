@@ -18,9 +18,10 @@ from pydantic import Field, field_validator
 
 from qtool import __version__
 from qtool.artifacts import write_json
+from qtool.context import StageConfig, StageContext
 from qtool.data import check_span, file_sha256, load_text, tokenize
 from qtool.eval.perplexity import default_seqlen, token_perplexity
-from qtool.stages.base import Stage, StageConfig, StageContext
+from qtool.stages.base import Stage
 
 RESULTS = "results.json"
 FP_RESULTS = "results-fp.json"

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from qtool.context import StageConfig, StageContext
 from qtool.report.outliers import collect_stats, write_report
-from qtool.stages.base import Stage, StageConfig, StageContext
+from qtool.stages.base import Stage
 
 # the stage's method table: method -> whether it measures
 MEASURES = {"none": False, "stats": True}

@@ -13,11 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from qtool.context import StageConfig, StageContext
 from qtool.formats.layers import LAYERS, read_layer
 from qtool.formats.pack_job import PackJob
 from qtool.formats.registry import PACKED_FORMATS
 from qtool.formats.run_dir import PACKED_MODEL
-from qtool.stages.base import Stage, StageConfig, StageContext
+from qtool.loading import DTYPES
+from qtool.stages.base import Stage
 
 
 class PackConfig(StageConfig):
@@ -42,7 +44,7 @@ class Pack(Stage):
             scheme=ctx.recipe.scheme,
             layer=lambda i: read_layer(layers_dir, i),
             out=ctx.out / PACKED_MODEL,
-            dtype=None if cfg.dtype == "model" else cfg.dtype,
+            dtype=None if cfg.dtype == "model" else DTYPES[cfg.dtype],
             max_shard_bytes=cfg.max_shard_bytes,
         )
-        return PACKED_FORMATS[cfg.format](job)
+        return PACKED_FORMATS[cfg.format].write(job)

@@ -14,12 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qtool.arch import decoder_layers
+from qtool.context import StageContext
 from qtool.formats.layers import LAYERS, LayerCheckpoint, finished_layers, layer_file, read_layer, write_layer
 from qtool.methods.quantize import method_for
-from qtool.models.arch import decoder_layers
 from qtool.models.quantizers import attach_quantizers, set_dequantized
 from qtool.models.walker import LayerWalker
-from qtool.stages.base import Stage, StageContext
+from qtool.stages.base import Stage
 from qtool.targets import plan_targets
 
 

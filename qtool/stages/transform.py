@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from qtool.context import StageContext
 from qtool.formats.outliers import load_report
 from qtool.methods.transform import method_for
 from qtool.report.outliers import collect_stats, compare_rows, plot_before_after, write_report
-from qtool.stages.base import Stage, StageContext
+from qtool.stages.base import Stage
 
 
 class Transform(Stage):

@@ -108,7 +108,7 @@ def test_unsupported_architecture_is_refused(recipe_file, tmp_path):
     )
     path = recipe_file(lambda r: r.update(model=str(model_dir)))
     proc = qtool("quantize", "--recipe", str(path))
-    assert_one_line_error(proc, "architecture 'gpt2' is not supported", "qtool/models/arch.py")
+    assert_one_line_error(proc, "architecture 'gpt2' is not supported", "qtool/arch.py")
     assert not (tmp_path / "run").exists()
 
 

@@ -214,7 +214,7 @@ def test_missing_text_file_exits_2(app, runner, tmp_path) -> None:
 def test_every_lm_eval_task_runs_offline(no_network) -> None:
     pytest.importorskip("lm_eval")
     from qtool.eval.results import evaluate
-    from qtool.models.loading import load_model, resolve_source
+    from qtool.loading import load_model, resolve_source
 
     model, tok = load_model(resolve_source(str(MODEL)))
     names = [n for n, spec in TASKS.items() if spec.kind == "lm_eval"]

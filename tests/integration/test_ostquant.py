@@ -12,6 +12,8 @@ from qtool.pipeline import Pipeline
 from qtool.recipe import load_recipe
 from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
 
+pytestmark = pytest.mark.numeric
+
 OSTQUANT = ROOT / "configs" / "tests" / "stories260k-w4a4-ostquant.yaml"
 
 
@@ -49,7 +51,7 @@ def test_ostquant_beats_its_hadamard_start(ost, tmp_path):
 
 
 def test_ostquant_replays_from_its_artifact(ost):
-    from qtool.models.loading import load_model, resolve_source
+    from qtool.loading import load_model, resolve_source
     from tests.integration.test_pipeline import _ppl
 
     recipe, run_dir, result = ost

@@ -19,6 +19,8 @@ from qtool.pipeline import Pipeline, run_status
 from qtool.recipe import load_recipe
 from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
 
+pytestmark = pytest.mark.numeric
+
 
 def _run(recipe: Path, run_dir: Path, **kw):
     return Pipeline(load_recipe(recipe), run_dir, **kw).run()
@@ -148,7 +150,7 @@ def test_sigkill_mid_quantize_then_resume_is_bit_identical(gptq_run, tmp_path):
 def test_packed_checkpoint_loads_in_transformers_with_the_same_ppl(gptq_run):
     from transformers import AutoModelForCausalLM
 
-    from qtool.models.loading import load_tokenizer, resolve_source
+    from qtool.loading import load_tokenizer, resolve_source
 
     recipe, run_dir, result = gptq_run
     packed = run_dir / "05-pack" / "model"
@@ -190,7 +192,7 @@ def test_compressed_tensors_decompresses_exactly_our_weights(gptq_run):
 
 def test_asymmetric_run_dir_loads_through_qtool_loader(tmp_path):
     """Asymmetric group checkpoints (packed zero points) load via ``--model RUN_DIR``; same ppl as in-pipeline."""
-    from qtool.models.loading import load_model, resolve_source
+    from qtool.loading import load_model, resolve_source
 
     require(STORIES, TINYSTORIES)
     recipe = write_recipe(

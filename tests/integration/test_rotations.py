@@ -12,6 +12,8 @@ from qtool.pipeline import Pipeline
 from qtool.recipe import load_recipe
 from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
 
+pytestmark = pytest.mark.numeric
+
 QUAROT = ROOT / "configs" / "tests" / "stories260k-w4a4-quarot.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -82,7 +84,7 @@ def test_rotation_cuts_the_w4a4kv4_gap(quarot, no_rotation):
 
 
 def test_packed_w4a4kv4_reloads_to_the_same_ppl(quarot):
-    from qtool.models.loading import load_model, resolve_source
+    from qtool.loading import load_model, resolve_source
     from qtool.models.online import AttentionState, InputHook
 
     recipe, run_dir, result = quarot

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.models.arch import decoder_layers, spec_for
+from qtool.arch import decoder_layers, spec_for
 from tests.conftest import SMOLLM2, require
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,7 @@ TOL = 1e-9
 
 def _fresh():
     require(SMOLLM2)
-    from qtool.models.loading import load_model, resolve_source
+    from qtool.loading import load_model, resolve_source
 
     return load_model(resolve_source(str(SMOLLM2)), "float64")[0]
 
@@ -41,7 +41,7 @@ def test_hadamard_r1_to_r4_keep_logits(exact_norms):
 
 def test_smoothquant_keeps_logits(exact_norms):
     from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
-    from qtool.models.arch import LayerView, Shapes
+    from qtool.arch import LayerView, Shapes
 
     model = _fresh()
     spec = spec_for(model.config)

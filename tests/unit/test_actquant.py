@@ -8,6 +8,8 @@ import torch
 from qtool.algorithms.actquant import fake_quantize_dynamic
 from qtool.schemes import QuantArgs
 
+pytestmark = pytest.mark.numeric
+
 TOKEN4 = QuantArgs(bits=4, symmetric=True, granularity="token", dynamic=True)
 HEAD4 = QuantArgs(bits=4, symmetric=False, granularity="head", dynamic=True)
 

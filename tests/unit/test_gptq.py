@@ -9,6 +9,8 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.algorithms.quantizer import compute_qparams, rtn_quantize
 from qtool.schemes import QuantArgs
 
+pytestmark = pytest.mark.numeric
+
 OUT, IN, TOKENS = 96, 256, 4096
 
 

@@ -16,6 +16,8 @@ from qtool.algorithms.hadamard import (
     random_signs,
 )
 
+pytestmark = pytest.mark.numeric
+
 CONSTRUCTIBLE = [1, 2, 4, 8, 12, 20, 24, 28, 36, 40, 44, 48, 60, 64, 576, 1536]
 NOT_CONSTRUCTIBLE = [3, 5, 6, 7, 10, 172]
 FAST_SIZES = [1, 2, 8, 12, 20, 24, 28, 36, 64, 128, 576, 1536]
@@ -159,6 +161,7 @@ def test_random_signs() -> None:
     assert not torch.equal(s, random_signs(1000, torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_hadamard_on_cuda() -> None:
     x = torch.randn(3, 1536, dtype=torch.float64, device="cuda")

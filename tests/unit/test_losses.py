@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 
+pytestmark = pytest.mark.numeric
+
 VOCAB = 50
 
 

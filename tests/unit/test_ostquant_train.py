@@ -6,15 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qtool.algorithms.actquant import weight_fake_quant
 from qtool.algorithms.losses import kl_top
 from qtool.algorithms.ostquant import CLIP_MIN, OstShapes, OstTransforms
-from qtool.algorithms.ostquant_train import Student, TrainSettings, train, weight_fake_quant
 from qtool.algorithms.rotation import make_rotation
 from qtool.algorithms.stiefel import orthogonality_error
-from qtool.models.arch import decoder_layers, spec_for
+from qtool.arch import decoder_layers, spec_for
+from qtool.methods.ostquant_train import Student, TrainSettings, train
 from qtool.models.online import OnlineRotation, attention_state, input_hook
 from qtool.schemes import PRESETS
 from tests.conftest import STORIES, require
+
+pytestmark = pytest.mark.numeric
 
 SCHEME = PRESETS["W4A4KV4"]
 

@@ -11,9 +11,11 @@ import torch
 
 from qtool.algorithms.hadamard import random_orthogonal
 from qtool.algorithms.ostquant import OstShapes, OstTransforms, fuse, layer_parameters, layer_weights
-from qtool.models.arch import LayerView, decoder_layers, spec_for
+from qtool.arch import LayerView, decoder_layers, spec_for
 from qtool.models.online import OnlineRotation, attention_state, input_hook
 from tests.conftest import STORIES, require
+
+pytestmark = pytest.mark.numeric
 
 
 @pytest.fixture

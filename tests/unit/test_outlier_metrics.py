@@ -11,6 +11,8 @@ import torch
 from qtool.algorithms.outlier_metrics import ActivationStats, outlier_channels, qsur, weight_stats
 from qtool.report.plots import plot_channel_heatmap, plot_heatmaps_side_by_side, plot_layer_metric
 
+pytestmark = pytest.mark.numeric
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,7 +12,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32 
 from compressed_tensors.quantization import QuantizationConfig
 
 from qtool.algorithms.quantizer import QuantizedWeight, rtn_quantize
-from qtool.formats.compressed_tensors import (
+from qtool.formats.compressed_tensors.layout import (
     NAIVE_QUANTIZED,
     PACK_QUANTIZED,
     compress_linear,

@@ -15,6 +15,8 @@ from qtool.algorithms.quantizer import (
 )
 from qtool.schemes import QuantArgs
 
+pytestmark = pytest.mark.numeric
+
 ARGS = {
     "w4_g32_sym": QuantArgs(bits=4, granularity="group", group_size=32),
     "w4_g32_asym": QuantArgs(bits=4, symmetric=False, granularity="group", group_size=32),

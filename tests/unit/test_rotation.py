@@ -8,9 +8,11 @@ import torch
 
 from qtool.algorithms.rotation import FusedRotations, build_rotations, make_rotation, rotate_model
 from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
+from qtool.arch import LayerView, Shapes, decoder_layers, spec_for
 from qtool.methods.transform import apply_rotations
-from qtool.models.arch import LayerView, Shapes, decoder_layers, spec_for
 from tests.conftest import STORIES, require
+
+pytestmark = pytest.mark.numeric
 
 TOL = 1e-9
 

@@ -10,6 +10,8 @@ import torch
 from qtool.algorithms.hadamard import random_orthogonal
 from qtool.algorithms.stiefel import CayleyAdam, CayleySGD, orthogonality_error, project_tangent, retract
 
+pytestmark = pytest.mark.numeric
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
+from qtool.arch import LLAMA, decoder_layers
 from qtool.errors import QtoolError
-from qtool.models.arch import LLAMA, decoder_layers
 from qtool.schemes import PRESETS, QuantArgs, Scheme
 from qtool.targets import matches, plan_targets, suggest_group_size
 from qtool.validation import meta_model

@@ -17,7 +17,6 @@ iteration) continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -31,15 +30,14 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from qtool.algorithms.actquant import fake_quantize_dynamic, grouped
+from qtool.algorithms.actquant import weight_fake_quant
 from qtool.algorithms.gptq import residual_share
 from qtool.algorithms.losses import ce_loss, kl_top, mse_loss
 from qtool.algorithms.ostquant import OstTransforms, clip_sites, layer_parameters, layer_weights
 from qtool.algorithms.stiefel import CayleyAdam
-from qtool.models.arch import ArchSpec, LayerView, decoder_layers
+from qtool.arch import ArchSpec, LayerView, decoder_layers
 from qtool.models.observers import HessianObserver
 from qtool.models.walker import LayerWalker
-from qtool.schemes import QuantArgs
 
 log = logging.getLogger(__name__)
 
@@ -65,57 +63,6 @@ class TrainSettings:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     hessian_windows: int = 16
-
-
-def weight_fake_quant(w: Tensor, args: QuantArgs) -> Tensor:
-    """Straight-through RTN fake quantization of a weight ``[out, in]`` (per channel, group or tensor).
-
-    The gradient is that of ``fake_quantize_dynamic`` with rounding straight-through: identity inside the grid,
-    plus the path through the scale (``absmax``). Symmetric grids use one fused autograd function with that exact
-    gradient (a third of the temporaries); asymmetric grids go through ``fake_quantize_dynamic``."""
-    dyn = _as_dynamic(args)
-    if not (dyn.symmetric and w.requires_grad and w.dtype in (torch.float32, torch.float64)):
-        return fake_quantize_dynamic(w, dyn)
-    v = grouped(w, dyn)
-    return _SymmetricSTE.apply(v, float(dyn.qmin), float(dyn.qmax), float(dyn.clip_ratio)).reshape(w.shape)
-
-
-@functools.cache
-def _as_dynamic(args: QuantArgs) -> QuantArgs:
-    """``args`` as a dynamic grid over the weight's rows (``channel`` → ``token``), built once per ``QuantArgs``."""
-    gran = {"channel": "token"}.get(args.granularity, args.granularity)
-    return args.model_copy(update={"granularity": gran, "dynamic": True, "observer": "minmax"})
-
-
-class _SymmetricSTE(torch.autograd.Function):
-    """``clamp(round(v / s)) * s`` with ``s = max(absmax(v) * clip / qmax, tiny)`` per row of ``v``; rounding is
-    straight-through, clamping and the scale are differentiated exactly (as autograd would through the unfused
-    expression)."""
-
-    @staticmethod
-    def forward(ctx, v: Tensor, qmin: float, qmax: float, clip: float) -> Tensor:
-        absmax = v.abs().amax(dim=-1, keepdim=True)
-        raw = absmax * clip / qmax  # the same rounding as fake_quantize_dynamic
-        scale = raw.clamp_min(torch.finfo(v.dtype).tiny)
-        ctx.save_for_backward(v, scale, absmax, raw)
-        ctx.grid = (qmin, qmax, clip)
-        return (v / scale).round_().clamp_(qmin, qmax).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        v, scale, absmax, raw = ctx.saved_tensors
-        qmin, qmax, clip = ctx.grid
-        u = v / scale
-        r = torch.round(u)
-        inside = (r >= qmin) & (r <= qmax)
-        q = r.clamp_(qmin, qmax)
-        # d out / d scale = q - u inside the grid (the u = v / s path), q outside (clamped)
-        grad_s = (g * torch.where(inside, q - u, q)).sum(dim=-1, keepdim=True)
-        grad_s = grad_s * (raw >= torch.finfo(v.dtype).tiny)
-        peak = v.abs() == absmax
-        share = grad_s * (clip / qmax) / peak.sum(dim=-1, keepdim=True)
-        grad_v = torch.where(inside, g, 0.0) + torch.where(peak, v.sign() * share, 0.0)
-        return grad_v, None, None, None
 
 
 class _StudentLayer(nn.Module):

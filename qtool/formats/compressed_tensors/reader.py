@@ -1,5 +1,5 @@
-"""Load a compressed-tensors checkpoint (``pack-quantized``, ``int-quantized``, ``naive-quantized``) that qtool (or
-llm-compressor) wrote, decompressed, with what runs online re-attached.
+"""The compressed-tensors checkpoint reader: load a checkpoint (``pack-quantized``, ``int-quantized``,
+``naive-quantized``) that qtool (or llm-compressor) wrote, decompressed, with what runs online re-attached.
 
 transformers + compressed-tensors load symmetric checkpoints, but (transformers 5.23, compressed-tensors 0.20) reject
 asymmetric group/channel ones in both the compressed and the ``dequantize=True`` path (packed zero points,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import QtoolError
-from qtool.formats.compressed_tensors import decompress_linears, input_quant_of
+from qtool.formats.compressed_tensors.layout import decompress_linears, input_quant_of
 from qtool.formats.hf_checkpoint import read_state
 from qtool.formats.online import read_online
 from qtool.models.online import input_hook
@@ -27,7 +27,14 @@ from qtool.models.online import input_hook
 log = logging.getLogger(__name__)
 
 
-def load_packed_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+def detect(config) -> bool:
+    """Whether a transformers config describes a compressed-tensors checkpoint."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")
+
+
+def load_packed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
     """A dense model from a compressed-tensors checkpoint directory; eval mode, no gradients."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

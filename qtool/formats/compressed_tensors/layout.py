@@ -1,5 +1,5 @@
-"""compressed-tensors checkpoints (format 0.20): the layout of quantized linears, ``quantization_config``, the
-packed-checkpoint writer (``write_packed``) and the decoder that turns stored linears back into dense weights.
+"""The compressed-tensors layout (format 0.20) of quantized linears and its ``quantization_config``: what
+``writer`` stores and ``reader`` decodes.
 
 Facts this module encodes, checked against compressed-tensors 0.20.0:
 
@@ -36,9 +36,6 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import re
 from typing import Any
 
@@ -46,18 +43,9 @@ import torch
 from torch import Tensor
 
 from qtool.algorithms.quantizer import QuantizedWeight
-from qtool.artifacts import write_json
 from qtool.errors import QtoolError
-from qtool.formats.hf_checkpoint import CONFIG, config_dict, write_shards
 from qtool.formats.intpack import PACKABLE_BITS, pack_to_int32, unpack_from_int32
-from qtool.formats.layers import LinearFacts
-from qtool.formats.online import write_online
-from qtool.formats.pack_job import PackJob
-from qtool.models.arch import decoder_layers, head_dim_of
-from qtool.models.loading import DTYPES
 from qtool.schemes import QuantArgs
-
-log = logging.getLogger(__name__)
 
 PACK_QUANTIZED = "pack-quantized"
 NAIVE_QUANTIZED = "naive-quantized"
@@ -66,9 +54,6 @@ FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
 UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
 # The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
 COMPRESSED_TENSORS_VERSION = "0.20.0"
-
-
-# --- writer ---------------------------------------------------------------------------------------------------
 
 
 def format_for(args: QuantArgs, activations: QuantArgs | None = None) -> str:
@@ -178,104 +163,7 @@ def _dynamic_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[s
     }
 
 
-def write_packed(job: PackJob) -> dict[str, Any]:
-    """Write the compressed-tensors checkpoint of ``job`` into ``job.out``; returns the pack summary (bytes, the
-    bf16 baseline, tensor count, bytes of the quantized linears)."""
-    dtype = DTYPES[job.dtype] if job.dtype else None
-    tensors, groups, linear_bytes, linear_params = _collect(job, dtype)
-    sizes = write_shards(job.out, tensors, job.max_shard_bytes)
-    config = config_dict(job.model.config)
-    if dtype is not None:
-        config["dtype"] = job.dtype
-    config["quantization_config"] = _config_for(groups, job)
-    write_online(job.out, job.model, config)
-    write_json(job.out / CONFIG, config)
-    if getattr(job.model, "generation_config", None) is not None:
-        job.model.generation_config.save_pretrained(job.out)
-    job.tokenizer.save_pretrained(job.out)
-    log.info("pack: %d tensors, %.1f MB in %s", len(tensors), sum(sizes) / 1e6, job.out)
-    return {
-        "bytes": sum(sizes),
-        "bf16_bytes": _bf16_bytes(job.model),
-        "tensors": len(tensors),
-        "quantized_linear_bytes": linear_bytes,  # packed weights + scales + zero points
-        "quantized_linear_bf16_bytes": 2 * linear_params,
-    }
-
-
-@dataclasses.dataclass
-class _Group:
-    """Linears that share one config group: the same weight arguments and the same facts."""
-
-    args: QuantArgs
-    facts: LinearFacts
-    names: list[str]
-
-
-def _collect(job: PackJob, dtype: torch.dtype | None):
-    """State dict with each quantized linear's weight replaced by its compressed tensors."""
-    state = dict(job.model.state_dict())
-    if getattr(job.model.config, "tie_word_embeddings", False):
-        state.pop(f"{job.spec.lm_head}.weight", None)  # tied to the embedding; transformers re-ties on load
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    groups: dict[str, _Group] = {}
-    linear_bytes = linear_params = 0
-    for i, _ in enumerate(decoder_layers(job.model, job.spec)):
-        ckpt = job.layer(i)
-        for name, qw in ckpt.weights.items():
-            full = f"{job.spec.layers}.{i}.{name}"
-            del state[f"{full}.weight"]
-            if dtype is not None:
-                qw = dataclasses.replace(qw, scale=qw.scale.to(dtype))
-            for key, t in compress_linear(qw, format_for(qw.args, job.scheme.input_activations)).items():
-                state[f"{full}.{key}"] = t
-                linear_bytes += t.numel() * t.element_size()
-            linear_params += qw.q.numel()
-            facts = ckpt.facts[name]
-            key = json.dumps([qw.args.model_dump(mode="json"), facts.actorder], sort_keys=True)
-            groups.setdefault(key, _Group(qw.args, facts, [])).names.append(full)
-    return state, list(groups.values()), linear_bytes, linear_params
-
-
-def _config_for(groups: list[_Group], job: PackJob) -> dict[str, Any]:
-    """The ``quantization_config``.
-
-    With one config group the config reads as llm-compressor writes it: ``targets: [Linear]`` and every
-    unquantized linear (lm_head included) in ``ignore``, which vLLM maps onto its fused qkv/gate-up modules. With
-    several (e.g. g32 linears plus the per-channel fallback of a linear whose in_features 32 does not divide), one
-    config group per set, each listing its modules by full name.
-    """
-    scheme = job.scheme
-    extra = dict(input_activations=scheme.input_activations, kv_cache=scheme.kv_cache)
-    extra["head_dim"] = head_dim_of(job.model.config)
-    quantized = {name for g in groups for name in g.names}
-    linears = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    ignore = [n for n in linears if n not in quantized]
-    if len(groups) == 1:
-        g = groups[0]
-        fmt = format_for(g.args, scheme.input_activations)
-        return quantization_config(g.args, ["Linear"], ignore, fmt, actorder=g.facts.actorder, **extra)
-    merged: dict[str, Any] = {}
-    for i, g in enumerate(groups):
-        fmt = format_for(g.args, scheme.input_activations)
-        qc = quantization_config(g.args, g.names, ignore, fmt, actorder=g.facts.actorder, **extra)
-        merged = merged or {**qc, "config_groups": {}}  # all groups share the bit width, hence the format
-        merged["config_groups"][f"group_{i}"] = qc["config_groups"]["group_0"]
-    return merged
-
-
-def _bf16_bytes(model: torch.nn.Module) -> int:
-    """Size of the same model stored in bfloat16 (tied weights once): the usual unquantized baseline."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * 2
-    return total
-
-
-# --- decoder --------------------------------------------------------------------------------------------------
+# --- decoding ------------------------------------------------------------------------------------------------
 
 
 def decompress_linears(

@@ -79,18 +79,19 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
     """Load ``(model, tokenizer)`` in eval mode on CPU, gradients off for all parameters."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.models.arch import spec_for
+    from qtool.arch import spec_for
 
     spec_for(load_config(src, trust_remote_code))  # refuse unsupported architectures before loading weights
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if src.kind == "gguf":
         kwargs["gguf_file"] = src.gguf_file
     log.info("loading model %s (%s, %s)", src.path, src.kind, dtype)
-    try:
-        if _is_compressed_tensors(load_config(src, trust_remote_code)):
-            from qtool.models.packed import load_packed_model
+    from qtool.formats.registry import format_of  # the formats' readers build models: imported on use
 
-            model = load_packed_model(src.path, DTYPES[dtype], trust_remote_code)
+    try:
+        packed = format_of(load_config(src, trust_remote_code))
+        if packed is not None:
+            model = packed.load(src.path, DTYPES[dtype], trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as e:
@@ -98,12 +99,6 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
     model.eval()
     model.requires_grad_(False)
     return model, load_tokenizer(src, trust_remote_code)
-
-
-def _is_compressed_tensors(config) -> bool:
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):

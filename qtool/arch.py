@@ -251,7 +251,7 @@ def spec_for(config) -> ArchSpec:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise QtoolError(
             f"model: architecture '{model_type}' is not supported (supported: {supported}); "
-            "add an entry to qtool/models/arch.py to support it"
+            "add an entry to qtool/arch.py to support it"
         )
     return ARCHITECTURES[model_type]
 

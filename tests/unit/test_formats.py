@@ -1,0 +1,68 @@
+"""On-disk contracts: the layer checkpoint carries what pack needs (and refuses files that predate it), the run
+directory layout is one definition, and the pack stage's formats are its table's."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+import torch
+
+from qtool.algorithms.quantizer import rtn_quantize
+from qtool.artifacts import save_tensors
+from qtool.errors import ArtifactError
+from qtool.formats.layers import LayerCheckpoint, LinearFacts, finished_layers, layer_file, read_layer, write_layer
+from qtool.formats.registry import PACKED_FORMATS
+from qtool.formats.run_dir import STAGE_DIRS, packed_model_dir
+from qtool.schemes import QuantArgs
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    sym = QuantArgs(bits=4, granularity="group", group_size=16)
+    asym = QuantArgs(bits=3, symmetric=False, granularity="channel")
+    return {
+        "self_attn.q_proj": rtn_quantize(torch.randn(32, 64, generator=g), sym),
+        "mlp.down_proj": rtn_quantize(torch.randn(64, 96, generator=g), asym),
+    }
+
+
+def test_layer_checkpoint_round_trip_keeps_integers_args_and_facts(tmp_path):
+    weights = _weights()
+    facts = {"self_attn.q_proj": LinearFacts("gptq", actorder="weight"), "mlp.down_proj": LinearFacts("rtn")}
+    write_layer(tmp_path, 7, LayerCheckpoint(weights, facts))
+    assert layer_file(tmp_path, 7).name == "007.safetensors" and finished_layers(tmp_path) == 1
+    back = read_layer(tmp_path, 7)
+    assert back.facts == facts
+    for name, qw in weights.items():
+        got = back.weights[name]
+        assert got.args == qw.args and torch.equal(got.q, qw.q) and torch.equal(got.scale, qw.scale)
+        assert (got.zero_point is None) == (qw.zero_point is None)
+        if qw.zero_point is not None:
+            assert torch.equal(got.zero_point, qw.zero_point)
+
+
+def test_layer_checkpoint_without_facts_is_refused_naming_the_fix(tmp_path):
+    """A file an older qtool wrote (integers and args only): pack would have to guess the column order."""
+    weights = _weights()
+    tensors = {f"{n}.{k}": getattr(qw, attr) for n, qw in weights.items()
+               for k, attr in (("q", "q"), ("scale", "scale")) }  # fmt: skip
+    tensors["mlp.down_proj.zero_point"] = weights["mlp.down_proj"].zero_point
+    args = {n: qw.args.model_dump(mode="json") for n, qw in weights.items()}
+    save_tensors(layer_file(tmp_path, 0), tensors, metadata={"args": json.dumps(args)})
+    with pytest.raises(ArtifactError, match="--from-stage quantize"):
+        read_layer(tmp_path, 0)
+
+
+def test_run_directory_layout(tmp_path):
+    assert list(STAGE_DIRS.values()) == [
+        "01-calibrate", "02-outliers", "03-transform", "04-quantize", "05-pack", "06-evaluate"
+    ]  # fmt: skip
+    assert packed_model_dir(tmp_path) == tmp_path / "05-pack" / "model"
+
+
+def test_pack_formats_are_the_writer_table():
+    from qtool.stages.pack import PackConfig
+
+    assert typing.get_args(PackConfig.model_fields["format"].annotation) == tuple(PACKED_FORMATS)
