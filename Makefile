@@ -43,12 +43,13 @@ test-avx2: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The suite against the newest releases of every dependency (torch stays the pinned CPU build), in its own venv.
+# The suite against the newest releases of every dependency, in its own venv. torch stays the pinned CPU build
+# (named in the upgrade, or pip would replace it with a CUDA build of several GB).
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[eval,dev]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[eval,dev]" torch==2.13.0
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE "^(transformers|compressed-tensors|lm.eval)=="
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 

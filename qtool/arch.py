@@ -182,8 +182,7 @@ class LayerView:
     def _param(self, key: str) -> tuple[nn.Parameter | None, slice | None]:
         logical, kind = key.rsplit(".", 1)
         module = self.layer.get_submodule(self.spec.module(logical))
-        rows = self.spec.rows(logical, self.shapes) if logical in dict(self.spec.projections) else None
-        return getattr(module, kind, None), rows
+        return getattr(module, kind, None), self.spec.rows(logical, self.shapes)
 
     def has(self, key: str) -> bool:
         return self._param(key)[0] is not None

@@ -136,3 +136,33 @@ def phi3_dir(tmp_path):
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(STORIES / name, path / name)
     return path
+
+
+def random_transforms(model, seed: int = 0):
+    """OSTQuant transforms in float64 far from identity: random orthogonal R_res / R_ov, log-scales ~ N(0, 0.5²)."""
+    from qtool.algorithms.hadamard import random_orthogonal
+    from qtool.algorithms.ostquant import OstShapes, OstTransforms
+    from qtool.arch import spec_for
+
+    g = torch.Generator().manual_seed(seed)
+    sh = OstShapes.of(model.config, spec_for(model.config))
+    r_ov = torch.stack([random_orthogonal(sh.head_dim, g) for _ in range(sh.layers)])
+    t = OstTransforms(sh, random_orthogonal(sh.hidden, g), r_ov, dtype=torch.float64)
+    with torch.no_grad():
+        for p in t.scales():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return t
+
+
+def smooth_randomly(model, generator: torch.Generator, scale: float = 50.0) -> None:
+    """SmoothQuant on every default edge of every layer with random activation ranges in (0.01, scale + 0.01)."""
+    from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
+    from qtool.arch import LayerView, Shapes, decoder_layers, spec_for
+
+    spec = spec_for(model.config)
+    for layer in decoder_layers(model, spec):
+        view = LayerView(layer, spec, Shapes.of(model.config))
+        for edge in (spec.edge(m) for m in MAPPINGS):
+            w = reader_weights(view, edge)
+            act = torch.rand(w[0].shape[1], generator=generator, dtype=torch.float64) * scale + 0.01
+            apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))

@@ -13,6 +13,8 @@ another observer of the same layer, so shards of the calibration windows (proces
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,7 +38,7 @@ class _EdgeObserver:
             members = tuple(n for n in spec.linears(edge) if wanted is None or n in wanted)
             if members:
                 self.hooked[edge.name], self.members[edge.name] = members[0], members
-        self.acc: dict[str, object] = {}
+        self.acc: dict[str, Any] = {}  # edge name -> the subclass's accumulator
 
     def _new(self, linear: nn.Module):
         raise NotImplementedError
@@ -89,20 +91,26 @@ class AbsmaxObserver(_EdgeObserver):
     def __init__(self, spec: ArchSpec, edges: Iterable[Edge]):
         super().__init__(spec, edges)
 
-    def _new(self, linear: nn.Module) -> list[Tensor | None]:
-        return [None]
+    def _new(self, linear: nn.Module) -> _Absmax:
+        return _Absmax()
 
-    def _add(self, acc: list[Tensor | None], x: Tensor) -> None:
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).double()
-        acc[0] = m if acc[0] is None else torch.maximum(acc[0], m)
+    def _add(self, acc: _Absmax, x: Tensor) -> None:
+        acc.update(x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).double())
 
     def absmax(self, edge: str) -> Tensor:
-        return self.acc[edge][0]
+        return self.acc[edge].value
 
     def merge(self, other: AbsmaxObserver) -> None:
         for edge, acc in other.acc.items():
-            mine = self.acc.setdefault(edge, [None])
-            mine[0] = acc[0] if mine[0] is None else torch.maximum(mine[0], acc[0].to(mine[0].device))
+            self.acc.setdefault(edge, _Absmax()).update(acc.value)
+
+
+@dataclass
+class _Absmax:
+    value: Tensor | None = None
+
+    def update(self, m: Tensor) -> None:
+        self.value = m if self.value is None else torch.maximum(self.value, m.to(self.value.device))
 
 
 class InputStatsObserver(_EdgeObserver):
@@ -113,36 +121,43 @@ class InputStatsObserver(_EdgeObserver):
         super().__init__(spec, spec.edges)
         self.covariance_tokens = covariance_tokens
 
-    def _new(self, linear: nn.Module) -> list:
-        d = linear.in_features
-        cov = ActivationStats(d, covariance=True) if self.covariance_tokens else None
-        return [ActivationStats(d, covariance=False), cov, self.covariance_tokens]
+    def _new(self, linear: nn.Module) -> _Tap:
+        return _Tap.empty(linear.in_features, self.covariance_tokens)
 
-    def _add(self, acc: list, x: Tensor) -> None:
-        stats, cov, budget = acc
+    def _add(self, tap: _Tap, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        stats.add(x)
-        if cov is not None and budget > 0:
-            cov.add(x[:budget])
-            acc[2] = budget - min(budget, x.shape[0])
+        tap.stats.add(x)
+        if tap.cov is not None and tap.budget > 0:
+            tap.cov.add(x[: tap.budget])
+            tap.budget -= min(tap.budget, x.shape[0])
 
     def finalize(self, edge: str) -> dict:
-        stats, cov, _ = self.acc[edge]
-        out = stats.finalize()
-        out["qsur"] = cov.finalize()["qsur"] if cov is not None else None
+        tap = self.acc[edge]
+        out = tap.stats.finalize()
+        out["qsur"] = tap.cov.finalize()["qsur"] if tap.cov is not None else None
         return out
 
     def channel_absmax(self, edge: str) -> Tensor:
-        return self.acc[edge][0].channel_absmax
+        return self.acc[edge].stats.channel_absmax
 
     def merge(self, other: InputStatsObserver) -> None:
         """Each shard's covariance comes from its own first ``covariance_tokens`` rows."""
-        for edge, (stats, cov, _) in other.acc.items():
-            if edge not in self.acc:
-                self.acc[edge] = [ActivationStats(stats.d, covariance=False), None, 0]
-                if cov is not None:
-                    self.acc[edge][1] = ActivationStats(cov.d, covariance=True)
-            mine = self.acc[edge]
-            mine[0].merge(stats)
-            if cov is not None and mine[1] is not None:
-                mine[1].merge(cov)
+        for edge, tap in other.acc.items():
+            mine = self.acc.setdefault(edge, _Tap.empty(tap.stats.d, self.covariance_tokens))
+            mine.stats.merge(tap.stats)
+            if mine.cov is not None and tap.cov is not None:
+                mine.cov.merge(tap.cov)
+
+
+@dataclass
+class _Tap:
+    """One edge's statistics: all rows (``stats``) and the first rows up to the covariance budget (``cov``)."""
+
+    stats: ActivationStats
+    cov: ActivationStats | None
+    budget: int
+
+    @classmethod
+    def empty(cls, d: int, covariance_tokens: int) -> _Tap:
+        cov = ActivationStats(d, covariance=True) if covariance_tokens else None
+        return cls(ActivationStats(d, covariance=False), cov, covariance_tokens)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.arch import decoder_layers, spec_for
+from qtool.arch import spec_for
 from tests.conftest import SMOLLM2, require
 
 pytestmark = pytest.mark.slow
@@ -40,18 +40,10 @@ def test_hadamard_r1_to_r4_keep_logits(exact_norms):
 
 
 def test_smoothquant_keeps_logits(exact_norms):
-    from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
-    from qtool.arch import LayerView, Shapes
+    from tests.conftest import smooth_randomly
 
     model = _fresh()
-    spec = spec_for(model.config)
     ref = _logits(model)
-    gen = torch.Generator().manual_seed(0)
-    for layer in decoder_layers(model, spec):
-        view = LayerView(layer, spec, Shapes.of(model.config))
-        for edge in (spec.edge(m) for m in MAPPINGS):
-            w = reader_weights(view, edge)
-            act = torch.rand(w[0].shape[1], generator=gen, dtype=torch.float64) * 50 + 0.01
-            apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))
+    smooth_randomly(model, torch.Generator().manual_seed(0))
     diff = (_logits(model) - ref).abs().max().item()
     assert diff < TOL, diff

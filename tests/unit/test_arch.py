@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from qtool.algorithms.hadamard import random_orthogonal
-from qtool.algorithms.ostquant import OstShapes, OstTransforms, fuse
+from qtool.algorithms.ostquant import fuse
 from qtool.algorithms.rotation import build_rotations
-from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
 from qtool.arch import LLAMA, PHI3, LayerView, Shapes, decoder_layers, spec_for
 from qtool.methods.ostquant_train import Student
 from qtool.methods.transform import apply_rotations
 from qtool.models.online import OnlineRotation, attention_state, input_hook
-from tests.conftest import tiny_phi3
+from tests.conftest import random_transforms, smooth_randomly, tiny_phi3
 
 pytestmark = pytest.mark.numeric
 
@@ -75,26 +74,9 @@ def test_phi3_rotations_keep_logits(phi64, rotations):
 
 def test_phi3_smoothing_keeps_logits(phi64):
     ref = _logits(phi64)
-    gen = torch.Generator().manual_seed(0)
-    for layer in decoder_layers(phi64, PHI3):
-        view = LayerView(layer, PHI3, Shapes.of(phi64.config))
-        for edge in (PHI3.edge(m) for m in MAPPINGS):
-            w = reader_weights(view, edge)
-            act = torch.rand(w[0].shape[1], generator=gen, dtype=torch.float64) * 50 + 0.01
-            apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))
+    smooth_randomly(phi64, torch.Generator().manual_seed(0))
     diff = (_logits(phi64) - ref).abs().max().item()
     assert diff < TOL, diff  # measured 1.0e-14
-
-
-def _random_transforms(model, seed: int = 0) -> OstTransforms:
-    g = torch.Generator().manual_seed(seed)
-    sh = OstShapes.of(model.config, spec_for(model.config))
-    r_ov = torch.stack([random_orthogonal(sh.head_dim, g) for _ in range(sh.layers)])
-    t = OstTransforms(sh, random_orthogonal(sh.hidden, g), r_ov, dtype=torch.float64)
-    with torch.no_grad():
-        for p in t.scales():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return t
 
 
 def test_phi3_ostquant_fuse_keeps_logits_and_student_computes_the_fused_model(phi64):
@@ -102,7 +84,7 @@ def test_phi3_ostquant_fuse_keeps_logits_and_student_computes_the_fused_model(ph
     R3/R4: logits unchanged. The student (transforms applied through ``functional_call`` on the joined module
     parameters) gives the fused model's logits."""
     ref = _logits(phi64)
-    t = _random_transforms(phi64)
+    t = random_transforms(phi64)
     r4 = OnlineRotation("matrix", 96, random_orthogonal(96, torch.Generator().manual_seed(5)))
     r3 = OnlineRotation("hadamard", 16)
     for layer in decoder_layers(phi64, PHI3):

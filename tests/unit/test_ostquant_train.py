@@ -1,5 +1,12 @@
 """Training OSTQuant transforms on stories260K (W4A4KV4 student): orthogonality is kept, the KL-Top loss on
-held-out windows drops, and a run interrupted after a checkpoint resumes to bit-identical transforms."""
+held-out windows drops, and a run interrupted after a checkpoint resumes to bit-identical transforms.
+
+The training-outcome tests train on 8 TinyStories windows of 128 tokens for 60 iterations and score 8 held-out
+windows: with 4 windows of 64 random tokens and 16-24 iterations (until this release) the held-out KL went up on
+some CPUs (AMD AVX-512: 1.254 vs 1.213 for the bf16 student; Intel AVX-512: 1.260 vs 1.211 for learned clipping),
+because at W4A4KV4 which values round where follows the last bits of every matmul and the short trajectory was
+decided by them. Measured ratios after/before below are over six CPU settings of one AMD EPYC (AVX-512 default,
+ATen AVX2, MKL+oneDNN AVX2, all three AVX2, oneDNN AVX512_CORE, ATen scalar)."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from qtool.arch import decoder_layers, spec_for
 from qtool.methods.ostquant_train import Student, TrainSettings, train
 from qtool.models.online import OnlineRotation, attention_state, input_hook
 from qtool.schemes import PRESETS
-from tests.conftest import STORIES, require
+from tests.conftest import STORIES, TINYSTORIES, require
 
 pytestmark = pytest.mark.numeric
 
@@ -56,19 +63,37 @@ def setup():
     return make, (lambda ids: teacher(ids, use_cache=False).logits), windows
 
 
+@pytest.fixture(scope="module")
+def text():
+    """16 TinyStories windows of 128 tokens (calibration half of the file): train on the first 8, score the rest."""
+    require(STORIES, TINYSTORIES)
+    from transformers import AutoTokenizer
+
+    from qtool.data import load_text, sample_windows, tokenize
+
+    ids = tokenize(AutoTokenizer.from_pretrained(STORIES), load_text(TINYSTORIES, span=(0.5, 1.0)))
+    windows = sample_windows(ids, 16, 128, torch.Generator().manual_seed(0))
+    return windows[:8], windows[8:]
+
+
+TRAIN = dict(iterations=60, lr_rotation=5e-3, lr_scale=2e-2, top_k=100)
+
+
 def _heldout_kl(student: Student, teacher, windows) -> float:
+    """Mean KL-Top (k = 100) over ``windows``, one window at a time."""
     with torch.no_grad():
-        return float(sum(kl_top(teacher(w[None]), student.logits(w[None]), 100) for w in windows[4:]))
+        return float(sum(kl_top(teacher(w[None]), student.logits(w[None]), 100) for w in windows)) / len(windows)
 
 
-def test_training_lowers_kl_and_keeps_orthogonality(setup):
-    make, teacher, windows = setup
+def test_training_lowers_kl_and_keeps_orthogonality(setup, text):
+    make, teacher, _ = setup
+    train_windows, heldout = text
     student = make()
-    before = _heldout_kl(student, teacher, windows)
-    train(student, teacher, windows[:4], TrainSettings(iterations=24, lr_rotation=5e-3, lr_scale=2e-2, top_k=100))
-    after = _heldout_kl(student, teacher, windows)
+    before = _heldout_kl(student, teacher, heldout)
+    train(student, teacher, train_windows, TrainSettings(**TRAIN))
+    after = _heldout_kl(student, teacher, heldout)
     student.close()
-    assert after < before
+    assert after < before, (after, before)  # measured after/before 0.83-0.91
     assert orthogonality_error(student.t.r_res.detach()) <= 1e-6
     assert max(orthogonality_error(r) for r in student.t.r_ov.detach()) <= 1e-6
 
@@ -137,20 +162,21 @@ def test_resume_from_checkpoint_is_bit_identical(setup, tmp_path, weight_error):
         assert not shares
 
 
-def test_learned_clipping_lowers_kl_within_bounds(setup):
+def test_learned_clipping_lowers_kl_within_bounds(setup, text):
     """Clipping ratios alone (rotations and scales frozen) train down from 1, stay in ``[CLIP_MIN, 1]`` and lower
     the held-out KL; closing the student takes the learned clips off the quantizers."""
-    make, teacher, windows = setup
+    make, teacher, _ = setup
+    train_windows, heldout = text
     student = make()
-    before = _heldout_kl(student, teacher, windows)
+    before = _heldout_kl(student, teacher, heldout)
     settings = TrainSettings(
-        iterations=16, learn_rotation=False, learn_scaling=False, learn_clipping=True, lr_clip=2e-2, top_k=100
+        iterations=60, learn_rotation=False, learn_scaling=False, learn_clipping=True, lr_clip=2e-2, top_k=100
     )
-    train(student, teacher, windows[:4], settings)
-    after = _heldout_kl(student, teacher, windows)
+    train(student, teacher, train_windows, settings)
+    after = _heldout_kl(student, teacher, heldout)
     student.close()
     clips = torch.cat([student.t.clip_act.detach().flatten(), student.t.clip_kv.detach()])
-    assert after < before
+    assert after < before, (after, before)  # measured after/before 0.84-0.87
     assert clips.min() >= CLIP_MIN and clips.max() <= 1.0
     assert clips.min() < 0.95  # they moved
     hooks = [m.qtool_input for m in student.model.modules() if hasattr(m, "qtool_input")]
@@ -205,23 +231,19 @@ def test_checkpointing_student_is_exact(setup):
     torch.testing.assert_close(s_b, s_a, rtol=1e-4, atol=1e-7)
 
 
-def test_bf16_student_trains(setup):
-    """bf16 autocast (vocabulary projection kept in float32): the loss is within 10% of float32's (0.541 vs
-    0.519 measured), and training in bf16 lowers the held-out KL measured in float32."""
-    make, teacher, windows = setup
-    ids = windows[:1]
-    target = teacher(ids).detach()
+def test_bf16_student_trains(setup, text):
+    """bf16 autocast (vocabulary projection kept in float32): the mean held-out loss is within 10% of float32's
+    (measured bf16/fp32 0.94-0.96; on one window it varied 0.87-1.04 by CPU), and training in bf16 lowers the
+    held-out KL measured in float32."""
+    make, teacher, _ = setup
+    train_windows, heldout = text
     student = make()
-    with torch.no_grad():
-        fp32 = kl_top(target, student.logits(ids), 100).item()
-        student.dtype = torch.bfloat16
-        bf16 = kl_top(target, student.logits(ids), 100).item()
-    assert bf16 == pytest.approx(fp32, rel=0.1)
-    student.dtype = torch.float32
-    before = _heldout_kl(student, teacher, windows)
+    fp32 = _heldout_kl(student, teacher, heldout)
     student.dtype = torch.bfloat16
-    train(student, teacher, windows[:4], TrainSettings(iterations=24, lr_rotation=5e-3, lr_scale=2e-2, top_k=100))
+    bf16 = _heldout_kl(student, teacher, heldout)
+    assert bf16 == pytest.approx(fp32, rel=0.1)
+    train(student, teacher, train_windows, TrainSettings(**TRAIN))
     student.dtype = torch.float32
-    after = _heldout_kl(student, teacher, windows)
+    after = _heldout_kl(student, teacher, heldout)
     student.close()
-    assert after < before
+    assert after < fp32, (after, fp32)  # measured after/before 0.83-0.88

@@ -13,7 +13,7 @@ from qtool.algorithms.hadamard import random_orthogonal
 from qtool.algorithms.ostquant import OstShapes, OstTransforms, fuse, layer_parameters, layer_weights
 from qtool.arch import LayerView, decoder_layers, spec_for
 from qtool.models.online import OnlineRotation, attention_state, input_hook
-from tests.conftest import STORIES, require
+from tests.conftest import STORIES, random_transforms, require
 
 pytestmark = pytest.mark.numeric
 
@@ -32,21 +32,10 @@ def _logits(model) -> torch.Tensor:
         return model(ids).logits
 
 
-def _random_transforms(model, seed: int = 0) -> OstTransforms:
-    g = torch.Generator().manual_seed(seed)
-    sh = OstShapes.of(model.config, spec_for(model.config))
-    r_ov = torch.stack([random_orthogonal(sh.head_dim, g) for _ in range(sh.layers)])
-    t = OstTransforms(sh, random_orthogonal(sh.hidden, g), r_ov, dtype=torch.float64)
-    with torch.no_grad():
-        for p in t.scales():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return t
-
-
 def test_fused_transforms_keep_logits(model64):
     spec = spec_for(model64.config)
     ref = _logits(model64)
-    t = _random_transforms(model64)
+    t = random_transforms(model64)
     r4 = OnlineRotation("matrix", 172, random_orthogonal(172, torch.Generator().manual_seed(5)))
     r3 = OnlineRotation("hadamard", 8)
     fuse(model64, spec, t, r4.dense())
@@ -71,7 +60,7 @@ def test_fused_transforms_keep_logits_with_qkv_biases(model64):
             new.bias.data.copy_(torch.randn(old.out_features, generator=g, dtype=torch.float64) * 0.5)
             setattr(layer.self_attn, name, new.requires_grad_(False))
     ref = _logits(model64)
-    fuse(model64, spec, _random_transforms(model64, seed=1), None)
+    fuse(model64, spec, random_transforms(model64, seed=1), None)
     diff = (_logits(model64) - ref).abs().max().item()
     assert diff < 1e-9, diff
 
@@ -137,7 +126,7 @@ def test_transforms_file_from_before_s_qk_applies_with_identity_s_qk(model64, tm
     from qtool.methods.ostquant import apply_ostquant
 
     spec = spec_for(model64.config)
-    t = _random_transforms(model64).float()
+    t = random_transforms(model64).float()
     with torch.no_grad():
         t.log_s_qk.zero_()
     old = {k: v.contiguous() for k, v in t.state_dict().items() if k != "log_s_qk"}
