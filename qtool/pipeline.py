@@ -116,7 +116,7 @@ class Pipeline:
         self.source = resolve_source(recipe.model.source, recipe.model.tokenizer)
 
     def run(self) -> RunResult:
-        validate_fit(self.recipe)  # every input problem surfaces here, before anything is written
+        validate_fit(self.recipe, self.run_dir)  # every input problem surfaces here, before anything is written
         identity = model_identity(self.source, self.recipe.model.trust_remote_code)
         self._prepare_dir(identity)
         fps = fingerprints(self.recipe, identity)
@@ -188,13 +188,15 @@ class Pipeline:
 
     def _prepare_dir(self, identity: str) -> None:
         run_json = self.run_dir / RUN_JSON
-        if run_json.is_file():
-            previous = json.loads(run_json.read_text())
-            if previous.get("model", {}).get("identity") != identity and not self.force:
-                raise QtoolError(
-                    f"--run-dir: {self.run_dir} holds a run of another model ({previous['model'].get('source')}); "
-                    "pass --force to overwrite it or choose another --run-dir"
-                )
+        previous = _read_run_json(run_json) if run_json.is_file() else None
+        if previous is None and run_json.is_file() and not self.force:
+            raise QtoolError(f"--run-dir: {run_json} is corrupt; pass --force to start the run over")
+        held = (previous or {}).get("model", {})
+        if previous is not None and held.get("identity") != identity and not self.force:
+            raise QtoolError(
+                f"--run-dir: {self.run_dir} holds a run of another model ({held.get('source')}); "
+                "pass --force to overwrite it or choose another --run-dir"
+            )
         if self.force:
             for name in STAGE_DIRS.values():
                 for p in (self.run_dir / name, self.run_dir / f"{name}.tmp"):
@@ -202,7 +204,7 @@ class Pipeline:
                         shutil.rmtree(p)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RECIPE).write_text(self.recipe.to_yaml())
-        state = json.loads(run_json.read_text()) if run_json.is_file() and not self.force else {"stages": {}}
+        state = previous if previous is not None and not self.force else {"stages": {}}
         state.update(
             qtool_version=__version__,
             recipe=self.recipe.name,
@@ -226,6 +228,16 @@ class Pipeline:
 
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.recipe.calibration.seed * 1000 + index)
+
+
+def _read_run_json(path: Path) -> dict[str, Any] | None:
+    """``run.json`` as a mapping with a ``stages`` mapping, or ``None`` when it is not one (corrupt)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("stages", {}), dict) and isinstance(doc.get("model", {}), dict)
+    return doc if ok else None
 
 
 def run_status(run_dir: Path) -> list[dict[str, Any]]:

@@ -43,6 +43,15 @@ class OutputConfig(BaseModel):
 
     run_dir: str | None = Field(None, description="default: runs/<name>")
 
+    @field_validator("run_dir")
+    @classmethod
+    def _safe_run_dir(cls, v: str | None) -> str | None:
+        if v is not None and (".." in Path(v).parts or Path(v).expanduser().resolve() == Path("/")):
+            raise ValueError(
+                "a run directory must not climb out with '..' or be the filesystem root; use a path such as runs/<name>"
+            )
+        return v
+
 
 class Recipe(BaseModel):
     """A whole run: model, calibration data, scheme and one section per stage."""

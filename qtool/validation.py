@@ -8,14 +8,19 @@ import torch
 
 from qtool.arch import decoder_layers, head_dim_of, spec_for
 from qtool.errors import QtoolError
+from qtool.formats.run_dir import refusal
 from qtool.loading import load_config, resolve_source
 from qtool.methods import transform as transform_methods
 from qtool.recipe import Recipe
 from qtool.targets import plan_targets
 
 
-def validate_fit(recipe: Recipe) -> str:
-    """Raise ``QtoolError`` on the first problem; return a one-line description of what would be quantized."""
+def validate_fit(recipe: Recipe, run_dir: Path | None = None) -> str:
+    """Raise ``QtoolError`` on the first problem; return a one-line description of what would be quantized.
+    ``run_dir``: where the run would write (default: the recipe's)."""
+    why = refusal(Path(run_dir or recipe.run_dir()))
+    if why:
+        raise QtoolError(f"--run-dir: {why}; choose a new or empty directory (nothing was written)")
     ev = recipe.evaluate
     files = [("calibration.dataset", recipe.calibration.dataset)] + ([("evaluate.dataset", ev.dataset)] if ev else [])
     for field, path in files:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from torch import Tensor
@@ -47,7 +48,8 @@ def _entry(name: str, rotation: OnlineRotation | None, quant: QuantArgs | None, 
         "quant": quant.model_dump(mode="json") if quant else None,
     }
     if rotation is not None and rotation.kind == "matrix":
-        matrices[f"{name}.rotation"] = rotation.matrix.contiguous()
+        # one copy per module: modules share one rotation object, and safetensors refuses tensors that share memory
+        matrices[f"{name}.rotation"] = rotation.matrix.detach().clone(memory_format=torch.contiguous_format)
     return entry
 
 

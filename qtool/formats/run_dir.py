@@ -24,6 +24,20 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_JSON).is_file()
 
 
+def refusal(path: Path) -> str | None:
+    """Why ``path`` may not be used as a run directory, or ``None``: qtool writes and deletes stage directories in
+    a run directory, so it never takes a filesystem root or the home directory, nor an existing directory with
+    other content that is not a qtool run (``run.json``)."""
+    resolved = path.expanduser().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        return f"{path} is {'the filesystem root' if resolved == Path(resolved.anchor) else 'your home directory'}"
+    if resolved.exists() and not resolved.is_dir():
+        return f"{path} exists and is not a directory"
+    if resolved.is_dir() and not is_run_dir(resolved) and any(resolved.iterdir()):
+        return f"{path} exists, is not empty and is not a qtool run directory (no {RUN_JSON})"
+    return None
+
+
 def stage_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / STAGE_DIRS[stage]
 

@@ -178,3 +178,39 @@ def test_inspect_prints_the_worst_layers(tmp_path):
 def test_inspect_needs_data():
     require(STORIES)
     assert_one_line_error(qtool("inspect", "--model", str(STORIES)), "--dataset", "--recipe")
+
+
+def test_a_directory_that_is_not_a_run_is_never_touched(recipe_file, tmp_path):
+    """Issue 20: ``--run-dir`` on an existing directory that is not a qtool run used to delete its stage-named
+    subdirectories (user files included) and overwrite its recipe.yaml, with or without --force."""
+    recipe = recipe_file(lambda r: None)
+    target = tmp_path / "mine"
+    (target / "05-pack").mkdir(parents=True)
+    (target / "05-pack" / "mine.txt").write_text("x")
+    (target / "recipe.yaml").write_text("my own notes\n")
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    for extra in ([], ["--force"]):
+        proc = qtool("quantize", "-r", str(recipe), "--run-dir", str(target), *extra)
+        assert_one_line_error(proc, "--run-dir", str(target), "not a qtool run directory")
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in target.iterdir()) == ["05-pack", "recipe.yaml"]
+    assert_one_line_error(qtool("validate", str(recipe_file(lambda r: r["output"].update(run_dir=str(target))))),
+                          "not a qtool run directory")  # fmt: skip
+
+
+@pytest.mark.parametrize("run_dir", ["/", "runs/../../elsewhere"])
+def test_run_dir_that_climbs_out_or_is_root_is_refused(recipe_file, run_dir):
+    recipe = recipe_file(lambda r: r["output"].update(run_dir=run_dir))
+    assert_one_line_error(qtool("validate", str(recipe)), "output.run_dir", "..")
+
+
+def test_corrupt_run_json_needs_force_and_force_clears_it(recipe_file, tmp_path):
+    recipe = recipe_file(lambda r: r.update(evaluate=None))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    assert_one_line_error(qtool("quantize", "-r", str(recipe), "--until-stage", "calibrate"), "run.json", "--force")
+    assert (run / "run.json").read_text() == "{not json"
+    proc = qtool("quantize", "-r", str(recipe), "--until-stage", "calibrate", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "run.json").read_text())["stages"]["calibrate"]["status"] == "done"
