@@ -56,29 +56,50 @@ def _read(path: str | Path, fmt: str, text_field: str, field: str) -> str:
         raise QtoolError(f"{field}: file {path} does not exist; pass an existing text or jsonl file")
     fmt = detect_format(p) if fmt == "auto" else fmt
     if fmt == "wikitext":
-        lines = p.read_text(encoding="utf-8").split("\n")[:-1]
-        return "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
-    if fmt == "raw":
-        return p.read_text(encoding="utf-8")
-    if fmt == "jsonl":
-        return "\n\n".join(_jsonl_texts(p, text_field, field))
-    raise QtoolError(f"{field}: unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+        lines = _decode(p, field).split("\n")[:-1]
+        text = "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
+    elif fmt == "raw":
+        text = _decode(p, field)
+    elif fmt == "jsonl":
+        text = "\n\n".join(_jsonl_texts(p, text_field, field))
+    else:
+        raise QtoolError(f"{field}: unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if "\x00" in text:
+        raise QtoolError(f"{field}: {path} holds NUL bytes, so it is binary, not text; pass a text or jsonl file")
+    if not text.strip():
+        raise QtoolError(f"{field}: {path} holds no text; pass a non-empty text or jsonl file")
+    return text
+
+
+def _decode(p: Path, field: str) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QtoolError(
+            f"{field}: {p} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); pass a UTF-8 file"
+        ) from None
 
 
 def _jsonl_texts(p: Path, text_field: str, field: str) -> list[str]:
     opener = gzip.open if p.suffix == ".gz" else open
     texts = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QtoolError(f"{field}: {p} line {i} is not JSON ({e.msg}); pass a jsonl file") from e
-            if text_field not in row:
-                raise QtoolError(f"{field}: {p} line {i} has no '{text_field}' field; set text_field")
-            texts.append(row[text_field])
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QtoolError(f"{field}: {p} line {i} is not JSON ({e.msg}); pass a jsonl file") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise QtoolError(f"{field}: {p} line {i} has no '{text_field}' field; set text_field")
+                if not isinstance(row[text_field], str):
+                    raise QtoolError(f"{field}: {p} line {i}: '{text_field}' is not a string; set text_field")
+                texts.append(row[text_field])
+    except (UnicodeDecodeError, EOFError, OSError) as e:  # not UTF-8, a truncated or corrupt .gz
+        raise QtoolError(f"{field}: {p} cannot be read as jsonl ({type(e).__name__}); pass UTF-8 jsonl") from None
     return texts
 
 

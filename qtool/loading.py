@@ -43,6 +43,8 @@ def resolve_source(model: str, tokenizer: str | None = None) -> ModelSource:
         if not (packed / "config.json").is_file():
             raise QtoolError(f"model: run {model} has no packed model at {packed}; finish it with qtool quantize first")
         p = packed
+    if tokenizer is not None and _looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise QtoolError(f"model.tokenizer: {tokenizer} does not exist; pass a tokenizer directory or a hub id")
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource("gguf", str(p.parent), p.name, tokenizer)
     if p.is_dir():
@@ -55,9 +57,14 @@ def resolve_source(model: str, tokenizer: str | None = None) -> ModelSource:
             f"model: directory {model} has no config.json and {len(ggufs)} .gguf files; "
             "point --model at an HF model directory or at one .gguf file"
         )
-    if p.suffix == ".gguf" or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]:
+    if p.suffix == ".gguf" or _looks_local(model):
         raise QtoolError(f"model: {model} does not exist; pass an existing directory, .gguf file or hub id")
     return ModelSource("hub", model, None, tokenizer)
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name``): starts with ``.``, ``/`` or ``~``, or has more than one ``/``."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +101,9 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
             model = packed.load(src.path, DTYPES[dtype], trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError) as e:
+    except QtoolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read the user's checkpoint is bad input
         raise QtoolError(f"model: cannot load {src.path}: {_first_line(e)}") from e
     model.eval()
     model.requires_grad_(False)
@@ -102,13 +111,72 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer of ``src`` (or ``src.tokenizer``); a ``QtoolError`` naming the field when it cannot load."""
     from transformers import AutoTokenizer
 
-    if src.tokenizer:
-        return AutoTokenizer.from_pretrained(src.tokenizer, trust_remote_code=trust_remote_code)
+    field, where = ("model.tokenizer", src.tokenizer) if src.tokenizer else ("model", src.path)
+    try:
+        if src.tokenizer:
+            return AutoTokenizer.from_pretrained(src.tokenizer, trust_remote_code=trust_remote_code)
+        if src.kind == "gguf":
+            return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+        return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
+        raise QtoolError(f"{field}: cannot load a tokenizer from {where}: {_first_line(e)}") from None
+
+
+def check_weight_files(src: ModelSource) -> None:
+    """Cheap checks of a local checkpoint's weight files, before anything loads or is written: a directory has
+    some, each safetensors header parses and its tensors fit in the file (a truncated download fails here), a GGUF
+    file's header and tensor table parse and its tensors fit. Hub sources are checked when they download."""
+    if src.kind == "hub":
+        return
     if src.kind == "gguf":
-        return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+        _check_gguf(Path(src.path) / src.gguf_file)
+        return
+    files = sorted(p for p in Path(src.path).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        raise QtoolError(
+            f"model: {src.path} has a config.json but no weight files (*.safetensors, *.bin); "
+            "point --model at a complete checkpoint"
+        )
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header (8-byte length + JSON) and check every tensor's byte range lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        why = _first_line(e)
+        raise QtoolError(f"model: {path} is not a readable safetensors file ({why}); re-download it") from None
+    if 8 + n + end > size:
+        raise QtoolError(
+            f"model: {path} is truncated ({size} bytes, its header describes {8 + n + end}); re-download it"
+        )
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except QtoolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the GGUF reader raises many kinds on a corrupt file
+        raise QtoolError(f"model: {path} is not a readable GGUF file ({_first_line(e)}); re-download it") from None
 
 
 def model_identity(src: ModelSource, trust_remote_code: bool = False) -> str:
@@ -145,3 +213,36 @@ def _edge_digest(path: Path, chunk: int = 1 << 20) -> bytes:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse a loaded model whose parameters hold NaN or Inf (a damaged file or a diverged training run):
+    quantization would spread them into every scale they touch."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise QtoolError(f"model: {name} holds {bad} NaN/Inf values; the checkpoint is damaged (re-download it)")
+
+
+def scan_weights(src: ModelSource) -> None:
+    """``check_finite`` without loading the model (``qtool validate``): safetensors tensors are read one at a
+    time; GGUF tensors are dequantized one at a time. Hub sources are skipped (not local until loaded)."""
+    if src.kind == "hub":
+        return
+    if src.kind == "gguf":
+        import gguf
+        import numpy as np
+
+        for t in gguf.GGUFReader(str(Path(src.path) / src.gguf_file)).tensors:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            if not np.isfinite(values).all():
+                raise QtoolError(f"model: GGUF tensor {t.name} holds NaN/Inf values; the file is damaged")
+        return
+    from safetensors import safe_open
+
+    for f in sorted(Path(src.path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                t = st.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise QtoolError(f"model: {f.name} tensor {key} holds NaN/Inf values; the file is damaged")

@@ -35,7 +35,7 @@ from qtool.stages.outliers import Outliers
 from qtool.stages.pack import Pack
 from qtool.stages.quantize import Quantize
 from qtool.stages.transform import Transform
-from qtool.validation import validate_fit
+from qtool.validation import check_loaded, validate_fit
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,28 @@ class Pipeline:
         self.source = resolve_source(recipe.model.source, recipe.model.tokenizer)
 
     def run(self) -> RunResult:
-        validate_fit(self.recipe, self.run_dir)  # every input problem surfaces here, before anything is written
+        """Every input problem surfaces before anything is written: the recipe's fit and files
+        (``validate_fit``), the run directory, then, when a stage has to run, the loaded model and tokenizer and the
+        texts they will read (``check_loaded``)."""
+        validate_fit(self.recipe, self.run_dir)
         identity = model_identity(self.source, self.recipe.model.trust_remote_code)
-        self._prepare_dir(identity)
+        previous = self._check_dir(identity)
         fps = fingerprints(self.recipe, identity)
         states = [self._state(s.name, fps[s.name]) for s in STAGES]
-        first = min([i for i, st in enumerate(states) if st.status != "done"] + [self.from_idx])
+        first = 0 if self.force else min([i for i, st in enumerate(states) if st.status != "done"] + [self.from_idx])
         result = RunResult(self.run_dir, states)
-        for st in states[: min(first, self.until_idx + 1)]:
-            self.notify(st)
         if first > self.until_idx:
+            self._prepare_dir(identity, previous)
+            for st in states[: self.until_idx + 1]:
+                self.notify(st)
             return result
         model, tokenizer = load_model(self.source, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+        check_loaded(self.recipe, model, tokenizer)
+        self._prepare_dir(identity, previous)
+        if self.force:
+            states = result.stages = [self._state(s.name, fps[s.name]) for s in STAGES]
+        for st in states[:first]:
+            self.notify(st)
         base = dict(
             recipe=self.recipe,
             model=model,
@@ -186,7 +196,9 @@ class Pipeline:
             return StageState(name, "corrupt", fp, manifest, detail=str(e))
         return StageState(name, "done", fp, manifest)
 
-    def _prepare_dir(self, identity: str) -> None:
+    def _check_dir(self, identity: str) -> dict[str, Any] | None:
+        """The run directory's previous ``run.json`` (``None``: none yet); refuses, writing nothing, a corrupt one
+        or another model's run unless ``--force``."""
         run_json = self.run_dir / RUN_JSON
         previous = _read_run_json(run_json) if run_json.is_file() else None
         if previous is None and run_json.is_file() and not self.force:
@@ -197,6 +209,10 @@ class Pipeline:
                 f"--run-dir: {self.run_dir} holds a run of another model ({held.get('source')}); "
                 "pass --force to overwrite it or choose another --run-dir"
             )
+        return previous
+
+    def _prepare_dir(self, identity: str, previous: dict[str, Any] | None) -> None:
+        run_json = self.run_dir / RUN_JSON
         if self.force:
             for name in STAGE_DIRS.values():
                 for p in (self.run_dir / name, self.run_dir / f"{name}.tmp"):

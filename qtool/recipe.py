@@ -8,6 +8,7 @@ before validation, so they are validated exactly like the file.
 from __future__ import annotations
 
 import copy
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -75,25 +76,12 @@ class Recipe(BaseModel):
     def _model_shorthand(cls, v: Any) -> Any:
         return {"source": v} if isinstance(v, str) else v
 
-    @field_validator("scheme", mode="before")
+    @field_validator("version", mode="before")
     @classmethod
-    def _scheme_preset(cls, v: Any) -> Any:
-        """``scheme: W4A16`` or ``scheme: {preset: W4A16, weights: {group_size: 64}, ignore: [...]}``."""
-        if isinstance(v, str):
-            v = {"preset": v}
-        if not isinstance(v, dict) or "preset" not in v:
-            return v
-        v = dict(v)
-        name = v.pop("preset")
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset '{name}'; use one of {', '.join(PRESETS)}")
-        base = PRESETS[name].model_dump()
-        for key, value in v.items():
-            if key in ("weights", "input_activations", "kv_cache") and isinstance(value, dict) and base.get(key):
-                base[key] = {**base[key], **value}
-            else:
-                base[key] = value
-        return base
+    def _version_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML `true` equals 1 in Python
+            raise ValueError("must be 1, the recipe format version")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -116,6 +104,26 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def expand_scheme(v: Any) -> Any:
+    """A scheme preset (``"W4A16"`` or ``{preset: W4A16, ...overrides}``) merged into the full scheme mapping
+    (JSON values); anything else is returned as it is, for validation to judge."""
+    if isinstance(v, str):
+        v = {"preset": v}
+    if not isinstance(v, dict) or "preset" not in v:
+        return v
+    v = dict(v)
+    name = v.pop("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    base = PRESETS[name].model_dump(mode="json")
+    for key, value in v.items():
+        if key in ("weights", "input_activations", "kv_cache") and isinstance(value, dict) and base.get(key):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["quantize.damp=0.02", "scheme.weights.group_size=64"]`` -> a copy of ``raw`` with those keys set.
     Values are parsed as YAML scalars/flow collections (``true``, ``64``, ``[a, b]``)."""
@@ -124,16 +132,47 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise QtoolError(f"--set {item}: expected key=value, e.g. --set quantize.damp=0.02")
         key, value = item.split("=", 1)
-        node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise QtoolError(f"--set {item}: '{key}' is not a dotted recipe key; e.g. --set quantize.damp=0.02")
+        node = raw
         for part in parts[:-1]:
             child = node.get(part)
             if isinstance(child, str) and part in ("model", "scheme"):
                 child = {"source": child} if part == "model" else {"preset": child}
             node[part] = child if isinstance(child, dict) else {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = _parse_yaml(value)
+        except (yaml.YAMLError, RecursionError, QtoolError) as e:
+            raise QtoolError(f"--set {item}: the value is not valid YAML; quote strings, e.g. --set {key}='...'") from e
     return raw
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                )
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: give each key once", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise QtoolError("nested too deeply (over Python's recursion limit); a recipe is a few levels deep") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, model: str | None = None) -> Recipe:
@@ -141,8 +180,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, model: str
     p = Path(path)
     if not p.is_file():
         raise QtoolError(f"recipe: {path} does not exist; pass an existing YAML file (see recipes/)")
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QtoolError(
+            f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); a recipe is YAML"
+        ) from None
+    try:
+        raw = _parse_yaml(text)
+    except QtoolError as e:
+        raise QtoolError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -156,8 +204,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, model: str
 
 
 def validate_recipe(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
+    """Validate a raw recipe mapping strictly: every value must have its field's type as YAML/JSON writes it
+    (``n_samples: true`` or ``damp: "0.02"`` are errors, not coerced); lists are accepted where tuples are held."""
     try:
-        return Recipe.model_validate(raw)
+        raw = dict(raw)
+        if isinstance(raw.get("model"), str):
+            raw["model"] = {"source": raw["model"]}
+        if "scheme" in raw:
+            raw["scheme"] = expand_scheme(raw["scheme"])
+        text = json.dumps(raw, default=str)  # YAML dates and the like become strings, which strict fields refuse
+    except ValueError as e:
+        raise QtoolError(f"{origin}: scheme: {e}") from None
+    except RecursionError:
+        raise QtoolError(f"{origin}: nested too deeply; a recipe is a few levels deep") from None
+    try:
+        return Recipe.model_validate_json(text, strict=True)
     except ValidationError as e:
         raise QtoolError(f"{origin}: {format_error(e)}") from None
 

@@ -12,6 +12,7 @@ Dequantization is ``(q - zero_point) * scale``.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -97,6 +98,17 @@ class Scheme(BaseModel):
     )
     ignore: tuple[str, ...] = ()
     group_fallback: Literal["error", "channel", "ignore"] = "error"
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
+        return patterns
 
     @field_validator("weights")
     @classmethod

@@ -39,6 +39,7 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[list[Target]]:
     """Per decoder layer, the linears to quantize. Raises ``QtoolError`` naming the layer and a fix when a group
     size does not divide ``in_features`` and ``scheme.group_fallback`` is ``error``."""
+    _check_patterns(layers, spec, scheme)
     plan: list[list[Target]] = []
     for i, layer in enumerate(layers):
         row = []
@@ -57,6 +58,19 @@ def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[
             f"use names such as {', '.join(n.rsplit('.', 1)[-1] for n in spec.layer_linears)}"
         )
     return plan
+
+
+def _check_patterns(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> None:
+    """Every ``targets``/``ignore`` pattern must name at least one linear of the decoder layers: a misspelt
+    ``ignore`` entry would otherwise quantize what the user meant to keep."""
+    names = [f"{spec.layers}.{i}.{rel}" for i in range(len(layers)) for rel in spec.layer_linears]
+    for field in ("targets", "ignore"):
+        for pattern in getattr(scheme, field):
+            if not any(matches(name, (pattern,)) for name in names):
+                raise QtoolError(
+                    f"scheme.{field}: {pattern!r} matches no linear of the decoder layers; use names such as "
+                    f"{', '.join(n.rsplit('.', 1)[-1] for n in spec.layer_linears)} or a full path like {names[0]}"
+                )
 
 
 def _fit_args(scheme: Scheme, full: str, in_features: int) -> QuantArgs | None:

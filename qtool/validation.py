@@ -9,7 +9,7 @@ import torch
 from qtool.arch import decoder_layers, head_dim_of, spec_for
 from qtool.errors import QtoolError
 from qtool.formats.run_dir import refusal
-from qtool.loading import load_config, resolve_source
+from qtool.loading import check_finite, check_weight_files, load_config, load_tokenizer, resolve_source, scan_weights
 from qtool.methods import transform as transform_methods
 from qtool.recipe import Recipe
 from qtool.targets import plan_targets
@@ -35,6 +35,7 @@ def validate_fit(recipe: Recipe, run_dir: Path | None = None) -> str:
     src = resolve_source(recipe.model.source, recipe.model.tokenizer)
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)
+    check_weight_files(src)
     transform_methods.method_for(recipe.transform).check_fit(recipe, spec)
     context = getattr(config, "max_position_embeddings", None)
     for field, seqlen in (
@@ -80,3 +81,51 @@ def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def validate_deep(recipe: Recipe) -> None:
+    """What ``qtool quantize`` checks once the model is loaded, without loading it: the tokenizer loads and fits
+    the vocabulary, the texts hold enough tokens, and every weight is finite (read one tensor at a time)."""
+    src = resolve_source(recipe.model.source, recipe.model.tokenizer)
+    tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
+    check_data(recipe, tokenizer, load_config(src, recipe.model.trust_remote_code))
+    scan_weights(src)
+
+
+def check_loaded(recipe: Recipe, model: torch.nn.Module, tokenizer) -> None:
+    """The loaded model and tokenizer, before any stage writes: finite weights and texts that fit."""
+    check_finite(model)
+    check_data(recipe, tokenizer, model.config)
+
+
+def check_data(recipe: Recipe, tokenizer, config) -> None:
+    """The tokenizer's ids fit the model's embedding; the calibration text yields windows of ``calibration.seqlen``
+    and the evaluation text at least one window within ``evaluate.max_tokens``."""
+    from qtool.data import load_text, tokenize
+
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        field = "model.tokenizer" if recipe.model.tokenizer else "model"
+        raise QtoolError(
+            f"{field}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary {vocab}; "
+            "use the model's own tokenizer"
+        )
+    cal = recipe.calibration
+    ids = tokenize(tokenizer, load_text(cal.dataset, cal.format, cal.text_field, "calibration.dataset", cal.span))
+    if ids.numel() <= cal.seqlen:
+        raise QtoolError(
+            f"calibration.seqlen: {cal.seqlen} tokens requested but calibration.dataset gives only {ids.numel()}; "
+            "lower seqlen or use a larger file"
+        )
+    ev = recipe.evaluate
+    if ev is None:
+        return
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    seqlen = ev.seqlen or min(2048, context)
+    ids = tokenize(tokenizer, load_text(ev.dataset, ev.format, ev.text_field, "evaluate.dataset", ev.span))
+    windows = min(ids.numel() // seqlen, (ev.max_tokens or ids.numel()) // seqlen)
+    if windows < 1:
+        raise QtoolError(
+            f"evaluate: {ids.numel()} tokens of evaluate.dataset and a budget of {ev.max_tokens} give no full window "
+            f"of {seqlen}; raise evaluate.max_tokens or lower evaluate.seqlen"
+        )

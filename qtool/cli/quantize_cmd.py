@@ -69,13 +69,15 @@ def validate(
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Check a recipe and its fit to the model (shapes, group sizes, files) without running anything."""
+    """Check a recipe against the model and data without running anything or writing: shapes and group sizes, the
+    files, the tokenizer and the texts' token counts, and every weight (read one tensor at a time: finite)."""
     setup_logging(verbose)
     from qtool.recipe import load_recipe
-    from qtool.validation import validate_fit
+    from qtool.validation import validate_deep, validate_fit
 
     rec = load_recipe(recipe, set_ or [], model)
     report = validate_fit(rec)
+    validate_deep(rec)
     console.print(f"[green]ok[/]: {recipe} — {report}", highlight=False)
 
 

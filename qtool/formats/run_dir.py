@@ -10,6 +10,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # The pipeline's stages in order; ``qtool.pipeline`` checks that its stage table matches.
@@ -35,6 +36,11 @@ def refusal(path: Path) -> str | None:
         return f"{path} exists and is not a directory"
     if resolved.is_dir() and not is_run_dir(resolved) and any(resolved.iterdir()):
         return f"{path} exists, is not empty and is not a qtool run directory (no {RUN_JSON})"
+    ancestor = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not ancestor.is_dir():
+        return f"{path} cannot be created: {ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{path} cannot be written: {ancestor} is not writable"
     return None
 
 
