@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from qtool.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+FINGERPRINT = ".fingerprint"  # in an uncommitted stage directory: the configuration its partial work belongs to
 
 
 def sha256_file(path: Path) -> str:
@@ -55,25 +56,43 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class StageWriter:
-    """The open, uncommitted directory of one stage. ``path`` is where the stage writes its files."""
+    """The open, uncommitted directory of one stage. ``path`` is where the stage writes its files.
 
-    def __init__(self, final: Path, fingerprint: str):
+    ``resumable``: partial work of the same configuration (``.fingerprint`` matches) is kept for the stage to reuse
+    (quantize's finished layers, OSTQuant's training checkpoint); any other stage starts from an empty directory, so
+    nothing a killed attempt left can reach a commit."""
+
+    def __init__(self, final: Path, fingerprint: str, resumable: bool = False):
         self.final = final
         self.path = final.with_name(final.name + ".tmp")
         self.fingerprint = fingerprint
         self._started = time.time()
-        marker = self.path / ".fingerprint"
-        if self.path.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
-            shutil.rmtree(self.path)  # leftovers of a different config: nothing in them is reusable
+        marker = self.path / FINGERPRINT
+        if self.path.exists() and not (resumable and self._reusable(marker)):
+            shutil.rmtree(self.path)  # leftovers of a different config or of a stage that does not resume
         self.path.mkdir(parents=True, exist_ok=True)
         marker.write_text(fingerprint)
 
+    def _reusable(self, marker: Path) -> bool:
+        """Partial work of this configuration: the marker matches, or a kill fell inside ``commit`` after the
+        marker was removed (the manifest, written first, names the fingerprint)."""
+        if marker.is_file():
+            return marker.read_text() == self.fingerprint
+        try:
+            return json.loads((self.path / MANIFEST).read_text()).get("fingerprint") == self.fingerprint
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def commit(self, info: dict[str, Any]) -> dict[str, Any]:
-        """Hash every file, write the manifest last, and move the directory into place."""
+        """Drop strays of killed writes, hash every file, write the manifest, and move the directory into place.
+        Until the final ``os.replace`` the directory is still the reusable partial work of this configuration."""
+        for p in list(self.path.rglob("*")):
+            if p.is_file() and _stray(p) and p.name != FINGERPRINT:
+                p.unlink()
         files = {
             str(p.relative_to(self.path)): sha256_file(p)
             for p in sorted(self.path.rglob("*"))
-            if p.is_file() and p.name != ".fingerprint" and not p.name.endswith(".part")
+            if p.is_file() and p.name not in (FINGERPRINT, MANIFEST)
         }
         manifest = {
             "stage": self.final.name,
@@ -83,12 +102,18 @@ class StageWriter:
             "seconds": round(time.time() - self._started, 3),
             **info,
         }
-        (self.path / ".fingerprint").unlink()
         write_json(self.path / MANIFEST, manifest)
+        (self.path / FINGERPRINT).unlink()
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.path, self.final)
         return manifest
+
+
+def _stray(path: Path) -> bool:
+    """Leftovers of an interrupted atomic write: our ``.part`` files, safetensors' hidden ``.tmp*`` files (qtool
+    writes no other hidden files)."""
+    return path.name.endswith(".part") or path.name.startswith(".")
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
@@ -103,7 +128,8 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def verify(stage_dir: Path, manifest: dict[str, Any]) -> None:
-    """Raise ``ArtifactError`` naming the first file that is missing or whose sha256 differs from the manifest."""
+    """Raise ``ArtifactError`` naming the first file that is missing, differs from its sha256 in the manifest, or
+    is not listed in the manifest at all (added after the stage committed: it would ship with the stage)."""
     for rel, digest in manifest["files"].items():
         p = stage_dir / rel
         if not p.is_file():
@@ -112,6 +138,13 @@ def verify(stage_dir: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(
                 f"{p} does not match its manifest (truncated or edited); "
                 f"rerun with --from-stage {_stage_name(stage_dir)} to recompute it"
+            )
+    listed = set(manifest["files"]) | {MANIFEST}
+    for p in sorted(stage_dir.rglob("*")):
+        if p.is_file() and str(p.relative_to(stage_dir)) not in listed:
+            raise ArtifactError(
+                f"{p} is not part of the stage (added after it was written); remove it or rerun with --from-stage "
+                f"{_stage_name(stage_dir)}"
             )
 
 

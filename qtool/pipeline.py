@@ -163,7 +163,7 @@ class Pipeline:
         return result
 
     def _run_stage(self, stage: Stage, st: StageState, ctx: StageContext, fps: dict[str, str]) -> None:
-        writer = StageWriter(self.run_dir / STAGE_DIRS[stage.name], st.fingerprint)
+        writer = StageWriter(self.run_dir / STAGE_DIRS[stage.name], st.fingerprint, resumable=stage.resumable)
         ctx.out = writer.path
         st.status, st.ran = "running", True
         self._update_run_json(st)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from qtool.artifacts import save_tensors, write_json
+from qtool.errors import QtoolError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,9 +43,13 @@ def write_shards(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int) ->
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (sharded or not)."""
+    """Every tensor of a checkpoint directory (sharded or not). The index is untrusted input: a shard it names
+    must be a plain file name inside ``path``."""
     index = path / INDEX
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE]
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise QtoolError(f"model: {index} names {name!r}, not a file of {path}; the checkpoint is malformed")
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(path / name)))

@@ -6,8 +6,10 @@ Per quantized linear (``name`` relative to the layer, e.g. ``mlp.down_proj``): t
 ``QuantArgs`` as JSON) and ``facts`` (each linear's ``LinearFacts``: which method made it and how its columns were
 ordered), so that pack reads everything it writes from here and never re-derives it from the recipe.
 
-Written atomically (``save_tensors``); a file is either whole or absent. A file without ``facts`` predates them and
-is refused by ``read_layer`` (``ArtifactError``): the quantize stage then recomputes that layer, pack names
+Written atomically (``save_tensors``); a file is either whole or absent. Its sha256 goes to ``NNN.sha256.json``
+right after it, so a layer file edited or damaged while the stage is still uncommitted (no manifest covers it yet)
+is recomputed on resume instead of reused. A file without ``facts`` (or without its checksum) predates them and is
+refused by ``read_layer`` (``ArtifactError``): the quantize stage then recomputes that layer, pack names
 ``--from-stage quantize``.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qtool.algorithms.quantizer import QuantizedWeight
-from qtool.artifacts import load_tensors, save_tensors
+from qtool.artifacts import load_tensors, save_tensors, sha256_file, write_json
 from qtool.errors import ArtifactError
 from qtool.schemes import QuantArgs
 
@@ -49,6 +51,10 @@ def layer_file(layers_dir: Path, index: int) -> Path:
     return layers_dir / f"{index:03d}.safetensors"
 
 
+def _checksum_file(layers_dir: Path, index: int) -> Path:
+    return layers_dir / f"{index:03d}.sha256.json"
+
+
 def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> None:
     tensors = {}
     for name, qw in checkpoint.weights.items():
@@ -64,6 +70,7 @@ def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> No
         "facts": json.dumps({n: asdict(f) for n, f in checkpoint.facts.items()}, sort_keys=True),
     }
     save_tensors(layer_file(layers_dir, index), tensors, metadata=metadata)
+    write_json(_checksum_file(layers_dir, index), {"sha256": sha256_file(layer_file(layers_dir, index))})
 
 
 def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
@@ -71,6 +78,14 @@ def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
     from safetensors import safe_open
 
     path = layer_file(layers_dir, index)
+    try:
+        expected = json.loads(_checksum_file(layers_dir, index).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"{path} has no readable checksum ({type(e).__name__}); rerun with --from-stage quantize"
+        ) from None
+    if sha256_file(path) != expected:
+        raise ArtifactError(f"{path} does not match its checksum (edited or damaged); rerun with --from-stage quantize")
     tensors = load_tensors(path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}

@@ -23,6 +23,7 @@ class Stage:
 
     name: ClassVar[str]
     sections: ClassVar[tuple[str, ...]]
+    resumable: ClassVar[bool] = False  # keeps partial work in its uncommitted directory across a kill
 
     def sections_for(self, recipe: Any) -> tuple[str, ...]:
         return self.sections

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,8 @@ from qtool.context import StageConfig, StageContext
 from qtool.data import check_span, file_sha256, load_text, tokenize
 from qtool.eval.perplexity import default_seqlen, token_perplexity
 from qtool.stages.base import Stage
+
+log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 FP_RESULTS = "results-fp.json"
@@ -141,14 +144,34 @@ class Evaluate(Stage):
             sort_keys=True,
         )
         path = cache_dir() / "fp-results" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-        if path.is_file():
+        cached = _read_cached(path, key)
+        if cached is not None:
             ctx.log.info("evaluate: FP results from cache %s", path)
-            return json.loads(path.read_text())
+            return cached
         ref = ctx.reference_model()
         doc = self._score(ctx, ref, ids, seqlen, info, "fp")
         del ref
-        write_json(path, doc)
+        write_json(path, {"key": key, "sha256": _digest(key, doc), "results": doc})
         return doc
+
+
+def _digest(key: str, doc: dict) -> str:
+    return hashlib.sha256((key + json.dumps(doc, sort_keys=True)).encode()).hexdigest()
+
+
+def _read_cached(path: Path, key: str) -> dict | None:
+    """A cache entry whose key and checksum hold, else ``None`` (absent, from an older qtool, corrupt or edited:
+    the FP model is scored again and the entry rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if entry["key"] == key and entry["sha256"] == _digest(key, entry["results"]):
+            return entry["results"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    log.warning("evaluate: FP cache entry %s is damaged or edited; scoring the FP model again", path)
+    return None
 
 
 def task_data_dir(cfg: EvaluateConfig) -> Path:

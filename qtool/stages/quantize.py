@@ -27,6 +27,7 @@ from qtool.targets import plan_targets
 class Quantize(Stage):
     name = "quantize"
     sections = ("scheme", "quantize")
+    resumable = True  # finished layers in layers/
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         method = method_for(ctx.config)

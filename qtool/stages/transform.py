@@ -20,6 +20,7 @@ from qtool.stages.base import Stage
 class Transform(Stage):
     name = "transform"
     sections = ("transform",)
+    resumable = True  # OSTQuant's training checkpoint
 
     def sections_for(self, recipe) -> tuple[str, ...]:
         return (*self.sections, *method_for(recipe.transform).fingerprint_sections)

@@ -234,3 +234,42 @@ def test_evaluate_stage_runs_lm_eval_tasks_in_the_shared_results_format(tmp_path
     assert quant["metrics"]["piqa"]["acc"]["n"] == 20
     assert 0.0 <= quant["metrics"]["piqa"]["acc"]["value"] <= 1.0
     assert fp["metrics"]["tinystories"]["token_ppl"]["value"] < quant["metrics"]["tinystories"]["token_ppl"]["value"]
+
+
+def test_an_edited_fp_cache_entry_is_scored_again(gptq_run):
+    """Issue 20: an edited FP-perplexity cache entry used to be reported as the FP number."""
+    recipe, run_dir, result = gptq_run
+    fp = result.manifest("evaluate")["summary"]["fp_ppl"]
+    entries = list((Path(os.environ["QTOOL_CACHE_DIR"]) / "fp-results").glob("*.json"))
+    assert entries
+    for path in entries:
+        entry = json.loads(path.read_text())
+        for metric in entry["results"]["metrics"].values():
+            metric["token_ppl"]["value"] = 1.0
+        path.write_text(json.dumps(entry))
+    again = _run(recipe, run_dir, from_stage="evaluate")
+    assert again.manifest("evaluate")["summary"]["fp_ppl"] == fp
+
+
+def test_a_packed_checkpoint_is_untrusted_input(gptq_run, tmp_path):
+    """Issue 20: a packed index could make the loader read weight files outside the model directory, and a
+    backtracking ``re:`` target in its config hung the loader (Python's ``re`` on ``(.*.*)*x``)."""
+    import shutil
+
+    from qtool.loading import load_model, resolve_source
+
+    _, run_dir, _ = gptq_run
+    packed = tmp_path / "packed"
+    shutil.copytree(run_dir / "05-pack" / "model", packed)
+    config = json.loads((packed / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["targets"] = ["re:(.*.*)*x", *group["targets"]]
+    (packed / "config.json").write_text(json.dumps(config))
+    start = time.time()
+    load_model(resolve_source(str(packed)))
+    assert time.time() - start < 30  # measured 0.04 s; Python's re did not finish in 60 s on one name
+    (tmp_path / "outside.safetensors").write_bytes((packed / "model.safetensors").read_bytes())
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../outside.safetensors"}}
+    (packed / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(QtoolError, match="not a file of"):
+        load_model(resolve_source(str(packed)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,9 +29,40 @@ def test_commit_is_atomic_and_verifiable(tmp_path):
 
 def test_leftovers_of_another_fingerprint_are_discarded(tmp_path):
     final = tmp_path / "04-quantize"
-    w = StageWriter(final, "old")
+    w = StageWriter(final, "old", resumable=True)
     (w.path / "stale.bin").write_bytes(b"x")
-    w2 = StageWriter(final, "new")
+    w2 = StageWriter(final, "new", resumable=True)
     assert not (w2.path / "stale.bin").exists()
     (w2.path / "keep.bin").write_bytes(b"y")
-    assert (StageWriter(final, "new").path / "keep.bin").exists()  # same fingerprint: partial work is kept
+    assert (StageWriter(final, "new", resumable=True).path / "keep.bin").exists()  # same config: partial work kept
+    assert not (StageWriter(final, "new").path / "keep.bin").exists()  # a stage that does not resume starts empty
+
+
+def test_a_kill_inside_commit_keeps_the_partial_work(tmp_path):
+    """The manifest is written while the marker still exists; a kill after the marker is gone and before the
+    directory moves leaves a manifest naming the fingerprint, and the partial work is reused (issue 20)."""
+    final = tmp_path / "04-quantize"
+    w = StageWriter(final, "fp", resumable=True)
+    (w.path / "layers").mkdir()
+    (w.path / "layers" / "000.safetensors").write_bytes(b"layer")
+    (w.path / "manifest.json").write_text(json.dumps({"fingerprint": "fp"}))
+    (w.path / ".fingerprint").unlink()  # the instant before os.replace
+    assert (StageWriter(final, "fp", resumable=True).path / "layers" / "000.safetensors").is_file()
+    (w.path / ".fingerprint").unlink()
+    assert not (StageWriter(final, "other", resumable=True).path / "layers").exists()
+
+
+def test_strays_of_killed_writes_never_reach_a_commit_and_extra_files_are_caught(tmp_path):
+    final = tmp_path / "05-pack"
+    w = StageWriter(final, "fp", resumable=True)
+    (w.path / "model").mkdir()
+    (w.path / "model" / "model.safetensors").write_bytes(b"weights")
+    (w.path / "model" / ".tmpa1b2c3").write_bytes(b"half a copy")  # safetensors' own temp file, killed mid-write
+    (w.path / "model" / "config.json.part").write_text("{")
+    manifest = w.commit({})
+    assert sorted(manifest["files"]) == ["model/model.safetensors"]
+    assert sorted(p.name for p in (final / "model").iterdir()) == ["model.safetensors"]
+    verify(final, manifest)
+    (final / "model" / "extra.bin").write_bytes(b"added later")
+    with pytest.raises(ArtifactError, match="not part of the stage"):
+        verify(final, manifest)

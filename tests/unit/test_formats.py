@@ -43,6 +43,16 @@ def test_layer_checkpoint_round_trip_keeps_integers_args_and_facts(tmp_path):
             assert torch.equal(got.zero_point, qw.zero_point)
 
 
+def test_an_edited_layer_checkpoint_is_refused(tmp_path):
+    """Issue 20: an uncommitted layer file edited in place was reused on resume (ppl 5.62 instead of 4.40)."""
+    write_layer(tmp_path, 0, LayerCheckpoint(_weights(), {n: LinearFacts("rtn") for n in _weights()}))
+    data = bytearray(layer_file(tmp_path, 0).read_bytes())
+    data[-3] ^= 0x01  # one bit of one integer
+    layer_file(tmp_path, 0).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its checksum"):
+        read_layer(tmp_path, 0)
+
+
 def test_layer_checkpoint_without_facts_is_refused_naming_the_fix(tmp_path):
     """A file an older qtool wrote (integers and args only): pack would have to guess the column order."""
     weights = _weights()

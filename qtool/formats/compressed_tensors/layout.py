@@ -36,9 +36,9 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+import regex
 import torch
 from torch import Tensor
 
@@ -54,6 +54,7 @@ FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
 UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
 # The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
 COMPRESSED_TENSORS_VERSION = "0.20.0"
+_REGEX_SECONDS = 1.0  # per match of a config target against one module name
 
 
 def format_for(args: QuantArgs, activations: QuantArgs | None = None) -> str:
@@ -206,8 +207,20 @@ def group_for(prefix: str, linear_types: dict[str, str], qc: dict, required: boo
 
 
 def _hit(target: str, prefix: str, linear_types: dict[str, str]) -> bool:
+    """compressed-tensors' target rule. A checkpoint's config is untrusted: its regexes run with a time limit (a
+    catastrophically backtracking pattern would otherwise hang the loader)."""
+    if not isinstance(target, str):
+        raise QtoolError(f"model: quantization_config target {target!r} is not a string; the config is malformed")
     if target.startswith("re:"):
-        return re.match(target[3:], prefix) is not None
+        try:
+            return regex.match(target[3:], prefix, timeout=_REGEX_SECONDS) is not None
+        except TimeoutError:
+            raise QtoolError(
+                f"model: quantization_config target {target!r} takes over {_REGEX_SECONDS}s to match a module name; "
+                "the config is malformed"
+            ) from None
+        except regex.error as e:
+            raise QtoolError(f"model: quantization_config target {target!r} is not a valid regex ({e})") from None
     return target in (prefix, linear_types.get(prefix))
 
 
