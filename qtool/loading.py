@@ -72,13 +72,15 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
     """The transformers config, without loading weights (cached: reading a GGUF header parses the whole file)."""
     from transformers import AutoConfig
 
+    if src.kind == "gguf":  # its header is the config: a damaged file must fail as one, naming it
+        _check_gguf(Path(src.path) / src.gguf_file)
     try:
         if src.kind == "gguf":
             return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise QtoolError(f"model: cannot read the config of {src.path}: {_first_line(e)}") from e
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - a malformed config.json or GGUF header raises many kinds
         raise QtoolError(f"model: {src.path}: {_first_line(e)}") from e
 
 
@@ -165,11 +167,18 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _check_gguf(path: Path) -> None:
+    stat = path.stat()
+    _check_gguf_once(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_gguf_once(name: str, size: int, mtime_ns: int) -> None:
+    """Parsing a GGUF's tensor table reads the whole header (seconds for a large file): once per file version."""
+    path = Path(name)
     try:
         import gguf
 
         reader = gguf.GGUFReader(str(path))
-        size = path.stat().st_size
         for t in reader.tensors:
             if int(t.data_offset) + int(t.n_bytes) > size:
                 raise ValueError(f"tensor {t.name} runs past the end of the file")

@@ -194,7 +194,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, model: str
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise QtoolError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from e
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # YAML messages span lines
+        raise QtoolError(f"{path}{where}: not valid YAML ({problem}); fix the syntax") from e
     if not isinstance(raw, dict):
         raise QtoolError(f"{path}: a recipe is a YAML mapping with keys version, name, model, ...; see recipes/")
     raw = apply_overrides(raw, (overrides or []) + ([f"model.source={model}"] if model else []))

@@ -8,6 +8,7 @@ import os
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console()
@@ -65,7 +66,13 @@ class ProgressBars(Progress):
         self.update(self._ids[task], completed=done, total=total)
 
 
+def one_line(message: object) -> str:
+    """A message as one line of literal text: whitespace folded (the CLI's contract: one line per error, whatever
+    a library put in the message) and Rich markup escaped (``[down_prj]`` is text, not a style tag)."""
+    return escape(" ".join(str(message).split()))
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one line to stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)

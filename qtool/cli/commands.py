@@ -3,7 +3,7 @@
 import sys
 
 from qtool.cli import eval_cmd, inspect_cmd, quantize_cmd, regress_cmd
-from qtool.cli.app import app, err_console
+from qtool.cli.app import app, err_console, one_line
 from qtool.errors import QtoolError
 
 quantize_cmd.register(app)
@@ -17,7 +17,7 @@ def main() -> None:
     try:
         app()
     except QtoolError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to resume")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qtool.cli.app import ProgressBars, console, err_console, setup_logging
@@ -78,7 +79,7 @@ def validate(
     rec = load_recipe(recipe, set_ or [], model)
     report = validate_fit(rec)
     validate_deep(rec)
-    console.print(f"[green]ok[/]: {recipe} — {report}", highlight=False)
+    console.print(f"[green]ok[/]: {escape(str(recipe))} — {escape(report)}", highlight=False)
 
 
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/w4a16-gptq")]) -> None:

@@ -282,7 +282,7 @@ def _save(path: Path, t: OstTransforms, opts: tuple, iteration: int, losses: lis
         "iteration": iteration,
         "losses": losses,
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".part")  # a stage commit drops it if a kill leaves it behind
     torch.save(state, tmp)
     os.replace(tmp, path)
 

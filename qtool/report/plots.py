@@ -2,7 +2,7 @@
 
 matplotlib is imported lazily inside each function, so importing this module is cheap and does not require it.
 Figures are built as ``matplotlib.figure.Figure`` objects rendered by ``FigureCanvasAgg`` and written atomically:
-to ``<name>.tmp.png`` next to ``path`` first, then ``os.replace``-d onto ``path``.
+to ``<name>.png.part`` next to ``path`` first, then ``os.replace``-d onto ``path``.
 
 Heatmaps use a logarithmic colour scale (values ``<= 0`` are clipped to a small positive floor). When a matrix has
 more channels than fit the figure's pixel width, columns are max-pooled into bins first, so that a single outlier
@@ -50,7 +50,7 @@ def _save(fig: Figure, path: Path) -> None:
     """Write ``fig`` as PNG to ``path`` atomically (temporary sibling file, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(path.name + ".part")  # the suffix a stage commit drops if a kill leaves it behind
     try:
         fig.savefig(tmp, format="png", dpi=_DPI)
         os.replace(tmp, path)

@@ -214,3 +214,11 @@ def test_corrupt_run_json_needs_force_and_force_clears_it(recipe_file, tmp_path)
     proc = qtool("quantize", "-r", str(recipe), "--until-stage", "calibrate", "--force")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "run.json").read_text())["stages"]["calibrate"]["status"] == "done"
+
+
+def test_error_text_with_brackets_is_printed_literally(recipe_file):
+    """Rich markup in an error message (a path like ``/nope/[/x]``) used to crash the error printer (MarkupError)
+    or vanish from the line (``[down_prj]``)."""
+    recipe = recipe_file(lambda r: None)
+    proc = qtool("validate", str(recipe), "--model", "/nope/[/x]/[down_prj]")
+    assert_one_line_error(proc, "/nope/[/x]/[down_prj]")

@@ -130,7 +130,7 @@ def test_sigkill_mid_quantize_then_resume_is_bit_identical(gptq_run, tmp_path):
     cmd = [sys.executable, "-m", "qtool", "quantize", "--recipe", str(recipe), "--run-dir", str(run_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_layer = run_dir / "04-quantize.tmp" / "layers" / "000.safetensors"
+    first_layer = run_dir / "04-quantize.tmp" / "layers" / "000.sha256.json"  # a layer is done with its checksum
     deadline = time.time() + 300
     while not first_layer.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
