@@ -21,6 +21,7 @@ from qtool.algorithms.gptq import gptq_quantize
 from qtool.algorithms.quantizer import rtn_quantize, scale_dtype_for
 from qtool.arch import ArchSpec
 from qtool.context import StageConfig
+from qtool.errors import QtoolError
 from qtool.formats.layers import LinearFacts
 from qtool.methods.base import LayerResult, WeightMethod
 from qtool.models.observers import HessianObserver
@@ -79,15 +80,18 @@ class Gptq(WeightMethod):
             for t in group:
                 w = weight_of(step.layer, t.name)
                 h = hessians.hessian(t.name)
-                qw = gptq_quantize(
-                    w,
-                    h,
-                    t.args,
-                    block_size=cfg.block_size,
-                    damp=cfg.damp,
-                    act_order=cfg.act_order,
-                    scale_dtype=_sdtype(step, t),
-                )
+                try:
+                    qw = gptq_quantize(
+                        w,
+                        h,
+                        t.args,
+                        block_size=cfg.block_size,
+                        damp=cfg.damp,
+                        act_order=cfg.act_order,
+                        scale_dtype=_sdtype(step, t),
+                    )
+                except ValueError as e:  # a Hessian the calibration data leaves singular: the user's to fix
+                    raise QtoolError(f"quantize: layer {t.layer} {t.name}: {e}") from None
                 result.weights[t.name] = qw
                 result.facts[t.name] = LinearFacts("gptq", actorder="weight" if cfg.act_order else None)
                 result.errors[f"{t.layer}.{t.name}"] = relative_error(w, qw.dequantize(torch.float32), h)
