@@ -26,6 +26,7 @@ from qtool.methods import transform as transform_methods
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+PER_CHANNEL = ["scheme.weights.granularity=channel", "scheme.weights.group_size=null"]
 # label -> (recipe, recipe overrides)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a16-rtn": ("recipes/w4a16-rtn.yaml", []),
@@ -47,6 +48,14 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     ),
     "w4a4kv4-ostquant-gptq": ("recipes/w4a4-ostquant.yaml", []),
     "w4a16-ostquant-gptq": ("recipes/w4a16-ostquant.yaml", []),
+    # weight methods at W3 (SmolLM2's weights already sit on a 4-bit grid), g64 and per channel
+    "w4a16-quantease": ("recipes/w4a16-quantease.yaml", []),
+    "w3a16-rtn-g64": ("recipes/w4a16-rtn.yaml", ["scheme.weights.bits=3"]),
+    "w3a16-gptq-g64": ("recipes/w4a16-gptq.yaml", ["scheme.weights.bits=3"]),
+    "w3a16-quantease-g64": ("recipes/w4a16-quantease.yaml", ["scheme.weights.bits=3"]),
+    "w3a16-rtn-channel": ("recipes/w4a16-rtn.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
+    "w3a16-gptq-channel": ("recipes/w4a16-gptq.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
+    "w3a16-quantease-channel": ("recipes/w4a16-quantease.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
 }
 
 

@@ -52,14 +52,84 @@ def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in _FLOAT_SCALE_DTYPES else torch.float16
 
 
+_OUTLIER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class SparseOutliers:
+    """Weights kept in 16 bits beside the grid (GWQ, outlier-aware QuantEase): the linear's weight is the grid part
+    plus ``values`` at ``(rows, cols)``.
+
+    ``rows`` / ``cols``: int64 ``[k]`` in row-major order, no position twice; ``values``: ``[k]`` float16 or
+    bfloat16 (the stored precision). Stored as CSR (``to_csr``): a column index per entry (int16 where the row
+    length allows), its value, and a 32-bit row pointer per row."""
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+
+    def __post_init__(self) -> None:
+        if not (self.rows.shape == self.cols.shape == self.values.shape and self.rows.ndim == 1):
+            raise ValueError("outlier rows, cols and values must be 1-D of one length")
+        if self.values.dtype not in _OUTLIER_DTYPES:
+            raise ValueError(f"outlier values must be float16 or bfloat16, got {self.values.dtype}")
+
+    @classmethod
+    def from_dense(cls, h: Tensor, dtype: torch.dtype) -> SparseOutliers:
+        """The nonzero entries of ``h: [out, in]``, rounded to ``dtype``."""
+        rows, cols = h.nonzero(as_tuple=True)
+        return cls(rows, cols, h[rows, cols].to(dtype))
+
+    @property
+    def count(self) -> int:
+        return int(self.values.numel())
+
+    def add_to(self, dense: Tensor) -> Tensor:
+        """``dense [out, in]`` with the outliers added, in its dtype (in place)."""
+        return dense.index_put_((self.rows, self.cols), self.values.to(dense.dtype), accumulate=True)
+
+    def to_csr(self, out_features: int, in_features: int) -> dict[str, Tensor]:
+        """``row_ptr`` int32 ``[out + 1]``, ``col`` int16 (int32 past 32,767 columns) ``[k]``, ``value`` ``[k]``."""
+        order = torch.argsort(self.rows * in_features + self.cols)
+        counts = torch.bincount(self.rows, minlength=out_features)
+        row_ptr = torch.zeros(out_features + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        col_dtype = torch.int16 if in_features <= 32767 else torch.int32
+        return {"row_ptr": row_ptr, "col": self.cols[order].to(col_dtype), "value": self.values[order].contiguous()}
+
+    @classmethod
+    def from_csr(cls, row_ptr: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int]) -> SparseOutliers:
+        """Inverse of ``to_csr``; raises ValueError when the arrays do not describe positions inside ``shape``."""
+        out_features, in_features = shape
+        row_ptr, col = row_ptr.to(torch.int64), col.to(torch.int64)
+        ok = (
+            row_ptr.shape == (out_features + 1,)
+            and int(row_ptr[0]) == 0
+            and bool((row_ptr[1:] >= row_ptr[:-1]).all())
+            and int(row_ptr[-1]) == col.numel() == value.numel()
+            and (col.numel() == 0 or (int(col.min()) >= 0 and int(col.max()) < in_features))
+        )
+        if not ok:
+            raise ValueError(f"outlier CSR arrays do not describe a {out_features}x{in_features} sparse matrix")
+        rows = torch.repeat_interleave(torch.arange(out_features), row_ptr[1:] - row_ptr[:-1])
+        return cls(rows, col, value)
+
+    def bits(self, out_features: int, in_features: int) -> int:
+        """Stored bits: index and value per entry, a 32-bit pointer per row."""
+        index_bits = 16 if in_features <= 32767 else 32
+        return self.count * (index_bits + self.values.element_size() * 8) + 32 * (out_features + 1)
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A quantized linear weight: ``q: [out, in] int8``, ``scale`` / ``zero_point`` as in the module docstring."""
+    """A quantized linear weight: ``q: [out, in] int8``, ``scale`` / ``zero_point`` as in the module docstring, and
+    optionally ``outliers`` kept in 16 bits (the weight is then the grid part plus them)."""
 
     q: Tensor
     scale: Tensor
     zero_point: Tensor | None
     args: QuantArgs
+    outliers: SparseOutliers | None = None
 
     def __post_init__(self) -> None:
         if self.q.dtype != torch.int8 or self.q.ndim != 2:
@@ -73,14 +143,28 @@ class QuantizedWeight:
             self.zero_point.dtype != torch.int8 or self.zero_point.shape != self.scale.shape
         ):
             raise ValueError("zero_point must be int8 with the shape of scale")
+        if self.outliers is not None and self.outliers.count:
+            o = self.outliers
+            out_features, in_features = self.q.shape
+            if (
+                int(o.rows.min()) < 0
+                or int(o.rows.max()) >= out_features
+                or int(o.cols.min()) < 0
+                or (int(o.cols.max()) >= in_features)
+            ):
+                raise ValueError(f"outlier positions fall outside the {out_features}x{in_features} weight")
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.q.shape[0], self.q.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``[out, in]`` weight, computed in the scale dtype (as compressed-tensors does) and cast to ``dtype``."""
-        return dequantize(self.q, self.scale, self.zero_point, self.args, dtype)
+        """``[out, in]`` weight, computed in the scale dtype (as compressed-tensors does) and cast to ``dtype``;
+        outliers are added in the scale dtype before the cast."""
+        if self.outliers is None:
+            return dequantize(self.q, self.scale, self.zero_point, self.args, dtype)
+        dense = dequantize(self.q, self.scale, self.zero_point, self.args, self.scale.dtype)
+        return self.outliers.add_to(dense).to(dtype)
 
 
 def qparam_shape(weight_shape: tuple[int, int], args: QuantArgs) -> tuple[int, ...]:

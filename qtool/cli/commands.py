@@ -2,7 +2,7 @@
 
 import sys
 
-from qtool.cli import eval_cmd, inspect_cmd, quantize_cmd, regress_cmd
+from qtool.cli import eval_cmd, inspect_cmd, quantize_cmd, regress_cmd, sensitivity_cmd
 from qtool.cli.app import app, err_console, one_line
 from qtool.errors import QtoolError
 
@@ -10,6 +10,7 @@ quantize_cmd.register(app)
 eval_cmd.register(app)
 regress_cmd.register(app)
 inspect_cmd.register(app)
+sensitivity_cmd.register(app)
 
 
 def main() -> None:

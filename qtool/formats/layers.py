@@ -2,7 +2,9 @@
 
 Per quantized linear (``name`` relative to the layer, e.g. ``mlp.down_proj``): tensors ``<name>.q`` int8
 ``[out, in]``, ``<name>.scale`` and, for asymmetric grids, ``<name>.zero_point`` (shapes of
-``qtool.algorithms.quantizer.QuantizedWeight``). Metadata: ``format`` (``LAYER_FORMAT``), ``args`` (each linear's
+``qtool.algorithms.quantizer.QuantizedWeight``); a linear with weights kept in 16 bits adds
+``<name>.outlier_rows`` / ``.outlier_cols`` (int32 ``[k]``) and ``.outlier_values`` (float16/bfloat16 ``[k]``).
+Metadata: ``format`` (``LAYER_FORMAT``), ``args`` (each linear's
 ``QuantArgs`` as JSON) and ``facts`` (each linear's ``LinearFacts``: which method made it and how its columns were
 ordered), so that pack reads everything it writes from here and never re-derives it from the recipe.
 
@@ -19,7 +21,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qtool.algorithms.quantizer import QuantizedWeight
+import torch
+
+from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers
 from qtool.artifacts import load_tensors, save_tensors, sha256_file, write_json
 from qtool.errors import ArtifactError
 from qtool.schemes import QuantArgs
@@ -62,6 +66,10 @@ def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> No
         tensors[f"{name}.scale"] = qw.scale
         if qw.zero_point is not None:
             tensors[f"{name}.zero_point"] = qw.zero_point
+        if qw.outliers is not None:
+            tensors[f"{name}.outlier_rows"] = qw.outliers.rows.to(torch.int32)
+            tensors[f"{name}.outlier_cols"] = qw.outliers.cols.to(torch.int32)
+            tensors[f"{name}.outlier_values"] = qw.outliers.values.contiguous()
     metadata = {
         "format": LAYER_FORMAT,
         "args": json.dumps(
@@ -100,10 +108,18 @@ def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
             scale=tensors[f"{name}.scale"],
             zero_point=tensors.get(f"{name}.zero_point"),
             args=QuantArgs.model_validate(a),
+            outliers=_outliers(tensors, name),
         )
         for name, a in args.items()
     }
     return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()})
+
+
+def _outliers(tensors: dict, name: str) -> SparseOutliers | None:
+    if f"{name}.outlier_values" not in tensors:
+        return None
+    rows, cols = (tensors[f"{name}.outlier_{k}"].to(torch.int64) for k in ("rows", "cols"))
+    return SparseOutliers(rows, cols, tensors[f"{name}.outlier_values"])
 
 
 def finished_layers(layers_dir: Path) -> int:

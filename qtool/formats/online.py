@@ -86,6 +86,7 @@ def read_online(model: nn.Module, path: Path, section: dict[str, Any] | None) ->
     """Attach the online pieces that ``section`` (config.json's ``qtool`` section) describes; False without one."""
     if not section:
         return False
-    matrices = load_file(str(path / ONLINE_TENSORS)) if (path / ONLINE_TENSORS).is_file() else {}
-    attach(model, section["online"], matrices)
+    if section.get("online"):  # a section may carry only other qtool facts (sparse outliers)
+        matrices = load_file(str(path / ONLINE_TENSORS)) if (path / ONLINE_TENSORS).is_file() else {}
+        attach(model, section["online"], matrices)
     return True

@@ -3,6 +3,8 @@
 - ``rtn``: round-to-nearest with the scheme's observer; needs no data.
 - ``gptq``: GPTQ (Frantar et al., 2022) on Hessians of the calibration windows, which the layer walker feeds
   through the already-quantized layers before (``qtool.algorithms.gptq``).
+- ``quantease``: QuantEase (Behdin et al., 2023), cyclic coordinate descent on the same layer objective, started
+  from GPTQ or RTN (``qtool.algorithms.quantease``).
 
 A new weight method is a pure algorithm module in ``qtool/algorithms/`` and, here, its config class, its handler
 (``WeightMethod``) and one line in ``METHODS`` (``docs/adding-a-method.md``).
@@ -15,10 +17,11 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qtool.algorithms.gptq import gptq_quantize
-from qtool.algorithms.quantizer import rtn_quantize, scale_dtype_for
+from qtool.algorithms.quantease import quantease_quantize
+from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers, rtn_quantize, scale_dtype_for
 from qtool.arch import ArchSpec
 from qtool.context import StageConfig
 from qtool.errors import QtoolError
@@ -46,6 +49,43 @@ class GptqConfig(StageConfig):
     true_sequential: bool = Field(
         False, description="re-collect inputs after each sub-block (qkv, o, gate/up, down) is quantized; slower"
     )
+
+
+class QuantEaseConfig(StageConfig):
+    """QuantEase (Behdin et al., 2023): cyclic coordinate descent on GPTQ's layer objective, each column set to the
+    nearest grid point of its exact 1-D minimiser; the best quantized sweep is kept, so the layer error never exceeds
+    the starting point's."""
+
+    method: Literal["quantease"]
+    iterations: int = Field(30, gt=0, le=1000, description="sweeps over all columns (the paper: 30)")
+    init: Literal["gptq", "rtn"] = Field("gptq", description="starting point (and its grid): GPTQ's result or RTN")
+    relax_every: int = Field(
+        3,
+        ge=0,
+        description="sweep t with t % relax_every == 1 is relaxed (unquantized), except the last 4; 0: all quantized",
+    )
+    act_order: bool = Field(True, description="visit columns by decreasing diag(H); groups stay static")
+    block_size: int = Field(128, gt=0, description="columns per lazy update block")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="GPTQ's dampening, for init: gptq")
+    outlier_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="outlier-aware variant: this fraction of each linear's weights (or of its input columns, "
+        "structured) kept in 16 bits beside the grid; 0: off. Needs init: rtn",
+    )
+    outlier_structure: Literal["unstructured", "structured"] = Field(
+        "unstructured", description="outliers anywhere, or whole input columns"
+    )
+
+    @model_validator(mode="after")
+    def _outliers_start_from_rtn(self) -> QuantEaseConfig:
+        if self.outlier_fraction > 0 and self.init != "rtn":
+            raise ValueError(
+                "init: the outlier-aware variant (outlier_fraction > 0) starts from RTN on the grid without its "
+                "outliers; set init: rtn"
+            )
+        return self
 
 
 class Rtn(WeightMethod):
@@ -103,10 +143,90 @@ class Gptq(WeightMethod):
         return {"gptq_damp": cfg.damp, "gptq_act_order": cfg.act_order}
 
 
+class QuantEase(WeightMethod):
+    config = QuantEaseConfig
+    needs_data = True
+    needs_hessian = True
+
+    def quantize_layer(
+        self, cfg: QuantEaseConfig, step: LayerStep, targets: list[Target], spec: ArchSpec
+    ) -> LayerResult:
+        """The linears that read one input (q/k/v, gate/up) share a Hessian and are solved as one stack of rows
+        (rows are independent in QuantEase and GPTQ; one column loop instead of three), except with outliers,
+        whose budget is per linear."""
+        hessians = HessianObserver(spec, [t.name for t in targets])
+        step.run(hessians)
+        result = LayerResult()
+        for group in _stacks(targets, hessians) if cfg.outlier_fraction == 0 else [[t] for t in targets]:
+            names = ", ".join(t.name for t in group)
+            t0 = group[0]
+            ws = [weight_of(step.layer, t.name) for t in group]
+            w = torch.cat(ws)
+            h = hessians.hessian(t0.name)
+            sdtype = _sdtype(step, t0)
+            try:
+                init = None
+                if cfg.init == "gptq":
+                    init = gptq_quantize(
+                        w, h, t0.args, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                        scale_dtype=sdtype,
+                    )  # fmt: skip
+                qe = quantease_quantize(
+                    w,
+                    h,
+                    t0.args,
+                    init=init,
+                    iterations=cfg.iterations,
+                    relax_every=cfg.relax_every,
+                    act_order=cfg.act_order,
+                    block_size=cfg.block_size,
+                    outlier_fraction=cfg.outlier_fraction,
+                    outlier_structure=cfg.outlier_structure,
+                    scale_dtype=sdtype,
+                )
+            except ValueError as e:
+                raise QtoolError(f"quantize: layer {t0.layer} {names}: {e}") from None
+            parts = split_rows(qe.weight, [x.shape[0] for x in ws])
+            for t, w_t, part in zip(group, ws, parts, strict=True):
+                result.weights[t.name] = part
+                result.facts[t.name] = LinearFacts("quantease", actorder="weight" if cfg.act_order else None)
+                result.errors[f"{t.layer}.{t.name}"] = relative_error(w_t, part.dequantize(torch.float32), h)
+        return result
+
+
+def _stacks(targets: list[Target], hessians: HessianObserver) -> list[list[Target]]:
+    """Targets grouped by shared input (one Hessian accumulator) and grid; per-tensor grids stay alone (one scale
+    for a stack would be a different grid)."""
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        key = (id(hessians.accumulator(t.name)), t.args) if t.args.granularity != "tensor" else (t.name,)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """A row-stacked quantized weight back into its parts (scales, zero points and outliers are per row)."""
+    if len(rows) == 1:
+        return [qw]
+    parts, start = [], 0
+    for n in rows:
+        zp = None if qw.zero_point is None else qw.zero_point[start : start + n].clone()
+        outliers = None
+        if qw.outliers is not None:
+            o = qw.outliers
+            keep = (o.rows >= start) & (o.rows < start + n)
+            outliers = SparseOutliers(o.rows[keep] - start, o.cols[keep], o.values[keep])
+        q, scale = qw.q[start : start + n].clone(), qw.scale[start : start + n].clone()
+        parts.append(QuantizedWeight(q, scale, zp, qw.args, outliers))
+        start += n
+    return parts
+
+
 # config class -> handler. The recipe's ``quantize:`` union is built from the keys, in this order.
 METHODS: dict[type[StageConfig], WeightMethod] = {
     RtnConfig: Rtn(),
     GptqConfig: Gptq(),
+    QuantEaseConfig: QuantEase(),
 }
 
 QuantizeConfig = Annotated[typing.Union[tuple(METHODS)], Field(discriminator="method")]  # noqa: UP007

@@ -50,7 +50,7 @@ class Quantize(Stage):
         if resumed:
             ctx.log.info("quantize: resumed, %d of %d layers loaded from checkpoints", resumed, len(plan))
         n_targets = sum(len(row) for row in plan)
-        return {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed, "gptq_error": errors}
+        return {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed, "layer_error": errors}
 
     def apply(self, ctx: StageContext, manifest: dict[str, Any]) -> None:
         layers = decoder_layers(ctx.model, ctx.spec)

@@ -57,7 +57,7 @@ def test_phi3_stats_rotation_gptq_pack_reload(phi3_dir, tmp_path):
     assert set(row["inputs"]) == {"qkv", "o_proj", "gate_up", "down_proj"}
     assert set(row["weights"]) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
     assert result.manifest("quantize")["summary"]["linears"] == 8
-    errors = result.manifest("quantize")["summary"]["gptq_error"]
+    errors = result.manifest("quantize")["summary"]["layer_error"]
     assert set(errors) == {f"{i}.{n}" for i in range(2) for n in row["weights"]}
     qc = json.loads((run_dir / "05-pack" / "model" / "config.json").read_text())["quantization_config"]
     weights = qc["config_groups"]["group_0"]["weights"]

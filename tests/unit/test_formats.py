@@ -11,7 +11,7 @@ import torch
 
 from qtool.algorithms.quantizer import rtn_quantize
 from qtool.artifacts import save_tensors
-from qtool.errors import ArtifactError
+from qtool.errors import ArtifactError, QtoolError
 from qtool.formats.layers import LayerCheckpoint, LinearFacts, finished_layers, layer_file, read_layer, write_layer
 from qtool.formats.registry import PACKED_FORMATS
 from qtool.formats.run_dir import STAGE_DIRS, packed_model_dir
@@ -76,3 +76,59 @@ def test_pack_formats_are_the_writer_table():
     from qtool.stages.pack import PackConfig
 
     assert typing.get_args(PackConfig.model_fields["format"].annotation) == tuple(PACKED_FORMATS)
+
+
+def _with_outliers(qw, k: int, seed: int, dtype=torch.float16):
+    """``qw`` plus ``k`` random 16-bit outliers at distinct positions."""
+    from qtool.algorithms.quantizer import SparseOutliers
+
+    g = torch.Generator().manual_seed(seed)
+    out_features, in_features = qw.shape
+    flat = torch.randperm(out_features * in_features, generator=g)[:k].sort().values
+    values = (torch.randn(k, generator=g) * 5).to(dtype)
+    outliers = SparseOutliers(flat // in_features, flat % in_features, values)
+    return type(qw)(qw.q, qw.scale, qw.zero_point, qw.args, outliers)
+
+
+def test_sparse_outliers_csr_round_trip_and_dequantize():
+    from qtool.algorithms.quantizer import SparseOutliers
+
+    qw = _with_outliers(_weights()["mlp.down_proj"], 50, seed=1, dtype=torch.bfloat16)
+    o = qw.outliers
+    csr = o.to_csr(*qw.shape)
+    assert csr["row_ptr"].dtype == torch.int32 and csr["col"].dtype == torch.int16 and csr["row_ptr"][-1] == 50
+    back = SparseOutliers.from_csr(csr["row_ptr"], csr["col"], csr["value"], qw.shape)
+    assert torch.equal(back.rows, o.rows) and torch.equal(back.cols, o.cols) and torch.equal(back.values, o.values)
+    dense = type(qw)(qw.q, qw.scale, qw.zero_point, qw.args).dequantize()
+    expected = dense.clone()
+    expected[o.rows, o.cols] += o.values.float()
+    assert torch.equal(qw.dequantize(), expected)
+    assert o.bits(*qw.shape) == 50 * 32 + 32 * 65  # int16 index + 16-bit value each, a 32-bit pointer per row
+    with pytest.raises(ValueError, match="sparse matrix"):
+        SparseOutliers.from_csr(csr["row_ptr"], csr["col"] + 200, csr["value"], qw.shape)
+    with pytest.raises(ValueError, match="outside"):
+        type(qw)(qw.q, qw.scale, qw.zero_point, qw.args, SparseOutliers(o.rows + 64, o.cols, o.values))
+
+
+def test_layer_checkpoint_round_trip_keeps_outliers(tmp_path):
+    weights = _weights()
+    weights["mlp.down_proj"] = _with_outliers(weights["mlp.down_proj"], 60, seed=2)
+    write_layer(tmp_path, 0, LayerCheckpoint(weights, {n: LinearFacts("quantease") for n in weights}))
+    back = read_layer(tmp_path, 0).weights
+    assert back["self_attn.q_proj"].outliers is None
+    assert torch.equal(back["mlp.down_proj"].dequantize(), weights["mlp.down_proj"].dequantize())
+
+
+def test_packed_outliers_decompress_exactly_and_damage_is_refused():
+    from qtool.formats.compressed_tensors.layout import compress_linear, decompress_linears, quantization_config
+
+    qw = _with_outliers(_weights()["self_attn.q_proj"], 40, seed=3)
+    stored = compress_linear(qw)
+    assert {"weight_outlier_row_ptr", "weight_outlier_col", "weight_outlier_value"} <= set(stored)
+    qc = quantization_config(qw.args, ["Linear"], [], "pack-quantized")
+    state = {f"m.{k}": v for k, v in stored.items()}
+    decompress_linears(state, qc, {"m": "Linear"}, torch.float32)
+    assert set(state) == {"m.weight"} and torch.equal(state["m.weight"], qw.dequantize())
+    damaged = {f"m.{k}": v for k, v in stored.items() if k != "weight_outlier_col"}
+    with pytest.raises(QtoolError, match="m: an outlier array is missing"):
+        decompress_linears(damaged, qc, {"m": "Linear"}, torch.float32)

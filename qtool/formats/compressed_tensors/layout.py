@@ -30,6 +30,12 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
 - Scales are stored in the model's dtype (``quantizer.scale_dtype_for``): compressed-tensors creates
   ``weight_scale`` with the weight's dtype and decompresses as ``(q.to(s.dtype) - zp.to(s.dtype)) * s`` in that
   dtype. ``QuantizedWeight.dequantize(scale.dtype)`` does the same operations, so the two agree bit for bit.
+- Weights kept in 16 bits beside the grid (GWQ, outlier-aware QuantEase) have no compressed-tensors equivalent.
+  qtool stores them per linear in the same shard as ``weight_outlier_row_ptr`` int32 ``[out + 1]``,
+  ``weight_outlier_col`` int16 ``[k]`` and ``weight_outlier_value`` float16/bfloat16 ``[k]`` (CSR), and lists the
+  linears under ``qtool.sparse_outliers`` in config.json; qtool's reader adds them to the decompressed weight.
+  A loader that reads only the dense part would be wrong, so these keys are deliberately *not* compressed-tensors
+  parameters: transformers reports them as unexpected keys (see ``docs/runtimes.md``).
 - Config targets: a plain string matches a module whose full dotted name *equals* it (or a module class name such
   as ``Linear``); ``re:<regex>`` uses ``re.match`` (anchored at the start only, so end regexes with ``$``).
 """
@@ -42,7 +48,7 @@ import regex
 import torch
 from torch import Tensor
 
-from qtool.algorithms.quantizer import QuantizedWeight
+from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers
 from qtool.errors import QtoolError
 from qtool.formats.intpack import PACKABLE_BITS, pack_to_int32, unpack_from_int32
 from qtool.schemes import QuantArgs
@@ -54,6 +60,8 @@ FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
 UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
 # The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
 COMPRESSED_TENSORS_VERSION = "0.20.0"
+OUTLIER_PREFIX = "weight_outlier_"
+OUTLIER_KEYS = ("row_ptr", "col", "value")
 _REGEX_SECONDS = 1.0  # per match of a config target against one module name
 
 
@@ -87,6 +95,9 @@ def compress_linear(qw: QuantizedWeight, fmt: str | None = None) -> dict[str, Te
             out["weight_zero_point"] = pack_to_int32(qw.zero_point, args.bits, packed_dim=0)
         else:
             out["weight_zero_point"] = qw.zero_point.contiguous()
+    if qw.outliers is not None:  # qtool's sparse 16-bit part (module docstring): no compressed-tensors equivalent
+        for key, t in qw.outliers.to_csr(*qw.shape).items():
+            out[f"{OUTLIER_PREFIX}{key}"] = t
     return out
 
 
@@ -243,4 +254,13 @@ def _decompress(state: dict[str, Tensor], prefix: str, args: QuantArgs) -> Tenso
     zp = state.pop(f"{prefix}.weight_zero_point", None)
     if zp is not None and zp.dtype == torch.int32:
         zp = unpack_from_int32(zp, args.bits, tuple(scale.shape), packed_dim=0)
-    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args).dequantize(scale.dtype)
+    outliers = None
+    csr = {k: state.pop(f"{prefix}.{OUTLIER_PREFIX}{k}", None) for k in OUTLIER_KEYS}
+    if any(t is not None for t in csr.values()):
+        try:
+            if any(t is None for t in csr.values()):
+                raise ValueError("an outlier array is missing")
+            outliers = SparseOutliers.from_csr(csr["row_ptr"], csr["col"], csr["value"], tuple(q.shape))
+        except ValueError as e:
+            raise QtoolError(f"model: {prefix}: {e}; the checkpoint is damaged") from None
+    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args, outliers=outliers).dequantize(scale.dtype)

@@ -17,10 +17,17 @@ import torch
 
 from qtool.arch import decoder_layers, head_dim_of
 from qtool.artifacts import write_json
-from qtool.formats.compressed_tensors.layout import compress_linear, format_for, quantization_config
+from qtool.formats.compressed_tensors.layout import (
+    OUTLIER_KEYS,
+    OUTLIER_PREFIX,
+    compress_linear,
+    format_for,
+    quantization_config,
+)
 from qtool.formats.hf_checkpoint import CONFIG, config_dict, write_shards
 from qtool.formats.layers import LinearFacts
-from qtool.formats.online import write_online
+from qtool.formats.online import QTOOL_SECTION, write_online
+from qtool.formats.online import VERSION as ONLINE_VERSION
 from qtool.formats.pack_job import PackJob
 from qtool.schemes import QuantArgs
 
@@ -31,13 +38,17 @@ def write_packed(job: PackJob) -> dict[str, Any]:
     """Write the compressed-tensors checkpoint of ``job`` into ``job.out``; returns the pack summary (bytes, the
     bf16 baseline, tensor count, bytes of the quantized linears)."""
     dtype = job.dtype
-    tensors, groups, linear_bytes, linear_params = _collect(job, dtype)
+    tensors, groups, linear_bytes, linear_params, outliers = _collect(job, dtype)
     sizes = write_shards(job.out, tensors, job.max_shard_bytes)
     config = config_dict(job.model.config)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = _config_for(groups, job)
     write_online(job.out, job.model, config)
+    if outliers:
+        section = config.setdefault(QTOOL_SECTION, {"version": ONLINE_VERSION})
+        section["sparse_outliers"] = {"format": "csr", "keys": [OUTLIER_PREFIX + k for k in OUTLIER_KEYS],
+                                      "linears": sorted(outliers)}  # fmt: skip
     write_json(job.out / CONFIG, config)
     if getattr(job.model, "generation_config", None) is not None:
         job.model.generation_config.save_pretrained(job.out)
@@ -49,6 +60,9 @@ def write_packed(job: PackJob) -> dict[str, Any]:
         "tensors": len(tensors),
         "quantized_linear_bytes": linear_bytes,  # packed weights + scales + zero points
         "quantized_linear_bf16_bytes": 2 * linear_params,
+        # stored bits per quantized weight: integers, scales, zero points and 16-bit outliers with their indices
+        "effective_bits": round(8 * linear_bytes / max(linear_params, 1), 4),
+        "outliers": sum(outliers.values()),
     }
 
 
@@ -69,6 +83,7 @@ def _collect(job: PackJob, dtype: torch.dtype | None):
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     groups: dict[str, _Group] = {}
+    outliers: dict[str, int] = {}
     linear_bytes = linear_params = 0
     for i, _ in enumerate(decoder_layers(job.model, job.spec)):
         ckpt = job.layer(i)
@@ -81,10 +96,12 @@ def _collect(job: PackJob, dtype: torch.dtype | None):
                 state[f"{full}.{key}"] = t
                 linear_bytes += t.numel() * t.element_size()
             linear_params += qw.q.numel()
+            if qw.outliers is not None:
+                outliers[full] = qw.outliers.count
             facts = ckpt.facts[name]
             key = json.dumps([qw.args.model_dump(mode="json"), facts.actorder], sort_keys=True)
             groups.setdefault(key, _Group(qw.args, facts, [])).names.append(full)
-    return state, list(groups.values()), linear_bytes, linear_params
+    return state, list(groups.values()), linear_bytes, linear_params, outliers
 
 
 def _config_for(groups: list[_Group], job: PackJob) -> dict[str, Any]:
