@@ -166,3 +166,32 @@ def smooth_randomly(model, generator: torch.Generator, scale: float = 50.0) -> N
             w = reader_weights(view, edge)
             act = torch.rand(w[0].shape[1], generator=generator, dtype=torch.float64) * scale + 0.01
             apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))
+
+
+def kill_after_first_layer_and_resume(recipe: Path, run_dir: Path) -> dict:
+    """Start ``qtool quantize`` as a process, SIGKILL it once the quantize stage has checkpointed its first layer,
+    check the kill landed inside that stage, then rerun to completion; returns the resumed quantize manifest."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "qtool", "quantize", "--recipe", str(recipe), "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_layer = run_dir / "04-quantize.tmp" / "layers" / "000.sha256.json"  # a layer is done with its checksum
+    deadline = time.time() + 300
+    while not first_layer.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "04-quantize").exists(), "the kill landed after quantize finished; test proves nothing"
+    from qtool.pipeline import run_status
+
+    status = {row["stage"]: row["status"] for row in run_status(run_dir)}
+    assert status["quantize"].startswith("partial"), status
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    return json.loads((run_dir / "04-quantize" / "manifest.json").read_text())

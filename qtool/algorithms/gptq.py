@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qtool.algorithms.quantizer import QuantizedWeight, compute_qparams, qparam_shape, scale_dtype_for
+from qtool.algorithms.quantizer import (
+    QuantizedWeight,
+    SparseOutliers,
+    compute_qparams,
+    qparam_shape,
+    scale_dtype_for,
+)
 from qtool.schemes import QuantArgs
 
 logger = logging.getLogger(__name__)
@@ -79,6 +85,8 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     scale_dtype: torch.dtype | None = None,
+    keep: Tensor | None = None,
+    keep_dtype: torch.dtype = torch.float16,
 ) -> QuantizedWeight:
     """Quantize ``w: [out, in]`` minimizing ``||(W - Q) X^T||^2`` for the Hessian ``H: [in, in]`` (``~ X^T X``).
 
@@ -89,6 +97,10 @@ def gptq_quantize(
       Channel and tensor qparams are always computed up front.
     - ``scale_dtype``: dtype of the stored scale, default ``scale_dtype_for(w.dtype)``; quantization uses the scale
       as stored.
+
+    - ``keep``: bool ``[out, in]``, weights kept in 16 bits (GWQ): left out of the group statistics, treated as
+      exactly represented (their integer is the grid's zero, their rounding error 0), and stored as ``outliers``
+      (in ``keep_dtype``) with the value GPTQ's updates have given them when their column is reached.
 
     Columns whose Hessian diagonal is 0 (never activated in calibration) are set to 0 before quantizing, as in the
     reference. The math runs in float32 on ``w``'s device with the Hessian inverse in float64. Returns the
@@ -113,26 +125,37 @@ def gptq_quantize(
     H = H.detach().to(device=W.device, dtype=torch.float64).clone()
     if not torch.isfinite(H).all():
         raise ValueError("Hessian contains inf or nan")
+    if keep is not None and keep.shape != W.shape:
+        raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(W.shape)}")
     dead, perm = _column_order(H, act_order)
     W[:, dead] = 0.0
+    K = None if keep is None else keep.to(W.device).clone()
+    if K is not None:
+        K[:, dead] = False  # a dead column's weights are 0 and do not matter
 
     if dynamic_groups:
         scale = torch.ones(qparam_shape(tuple(W.shape), args), dtype=scale_dtype, device=W.device)
         zp = None if args.symmetric else torch.zeros(scale.shape, dtype=torch.int8, device=W.device)
     else:
-        scale, zp = compute_qparams(W, args, scale_dtype=scale_dtype)
+        scale, zp = compute_qparams(W if K is None else W.masked_fill(K, 0.0), args, scale_dtype=scale_dtype)
     params = _ColumnParams.create(scale, zp, args, in_features, scale_dtype)
 
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+        K = None if K is None else K[:, perm]
         params.group_of = [params.group_of[p] for p in perm.tolist()]
 
     hinv, _ = _inverse_cholesky(H, damp)
-    Q = _gptq_loop(W, hinv, params, args, block_size, dynamic_groups)
+    Q, kept = _gptq_loop(W, hinv, params, args, block_size, dynamic_groups, K)
 
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(Q.to(torch.int8), params.scale, params.zp, args)
+        inv = torch.argsort(perm)
+        Q, kept = Q[:, inv], (None if kept is None else kept[:, inv])
+    outliers = None
+    if keep is not None:
+        assert kept is not None
+        outliers = SparseOutliers.from_dense(kept, keep_dtype)
+    return QuantizedWeight(Q.to(torch.int8), params.scale, params.zp, args, outliers)
 
 
 @dataclass
@@ -228,12 +251,19 @@ def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
 
 
 def _gptq_loop(
-    W: Tensor, hinv: Tensor, params: _ColumnParams, args: QuantArgs, block_size: int, dynamic_groups: bool
-) -> Tensor:
+    W: Tensor,
+    hinv: Tensor,
+    params: _ColumnParams,
+    args: QuantArgs,
+    block_size: int,
+    dynamic_groups: bool,
+    K: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """The GPTQ column loop on ``W: [out, in]`` float32 (modified in place). Returns ``Q: [out, in]`` float32
-    holding the integers, in ``W``'s column order."""
+    holding the integers, in ``W``'s column order, and (with a keep mask ``K``) the kept weights' values."""
     in_features = W.shape[1]
     Q = torch.empty_like(W)
+    kept = None if K is None else torch.zeros_like(W)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()
@@ -244,12 +274,20 @@ def _gptq_loop(
             if dynamic_groups and args.group_size and j % args.group_size == 0:
                 # W1 holds this block's in-block updates, W the block-level ones for later blocks
                 current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : args.group_size]
+                if K is not None:
+                    current = current.masked_fill(K[:, j : j + args.group_size], 0.0)
                 params.fill_group(j // args.group_size, current, args)
             s, z = params.column(j)
             q = torch.round(W1[:, i] / s + z).clamp_(args.qmin, args.qmax)
+            if K is not None:  # a kept weight is stored exactly: grid zero here, its value beside, no error
+                k = K[:, j]
+                q = torch.where(k, z.expand_as(q), q)
+                kept[:, j] = torch.where(k, W1[:, i], 0.0)
             Q[:, j] = q
             err = (W1[:, i] - (q - z) * s) / hinv1[i, i]
+            if K is not None:
+                err = torch.where(K[:, j], 0.0, err)
             W1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)
             err1[:, i] = err
         W[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
-    return Q
+    return Q, kept

@@ -37,6 +37,8 @@ class WeightMethod:
     - ``needs_data``: the stage walks the calibration windows through the layers and hands ``quantize_layer`` a
       ``LayerStep`` whose ``run`` feeds them (``False``: the step has no inputs, nothing is run);
     - ``needs_hessian``: the method reads input Hessians (``qtool.models.observers.HessianObserver``);
+    - ``prepare``: whole-model work before the layer walk (GWQ's gradient pass), kept in the stage directory so a
+      resumed run does not redo it; what it returns reaches every ``quantize_layer`` call as ``prep``;
     - what it writes: ``LayerResult`` -> one layer checkpoint (``qtool.formats.layers``).
     """
 
@@ -44,7 +46,14 @@ class WeightMethod:
     needs_data: ClassVar[bool] = False
     needs_hessian: ClassVar[bool] = False
 
-    def quantize_layer(self, cfg: Any, step: LayerStep, targets: list[Target], spec: ArchSpec) -> LayerResult:
+    def prepare(self, cfg: Any, ctx: StageContext, plan: list[list[Target]]) -> Any:
+        """Run before the walk on the full-precision (transformed) model, with ``ctx.out`` the stage's uncommitted
+        directory; ``plan[i]``: layer ``i``'s targets. Nothing by default."""
+        return None
+
+    def quantize_layer(
+        self, cfg: Any, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
         raise NotImplementedError
 
     def error_feedback(self, cfg: Any) -> dict[str, Any] | None:

@@ -5,6 +5,8 @@
   through the already-quantized layers before (``qtool.algorithms.gptq``).
 - ``quantease``: QuantEase (Behdin et al., 2023), cyclic coordinate descent on the same layer objective, started
   from GPTQ or RTN (``qtool.algorithms.quantease``).
+- ``gwq``: GWQ (Shao et al., 2024), the most loss-gradient-salient weights kept in 16 bits, the rest by RTN or GPTQ
+  (``qtool.algorithms.gwq``).
 
 A new weight method is a pure algorithm module in ``qtool/algorithms/`` and, here, its config class, its handler
 (``WeightMethod``) and one line in ``METHODS`` (``docs/adding-a-method.md``).
@@ -12,7 +14,9 @@ A new weight method is a pure algorithm module in ``qtool/algorithms/`` and, her
 
 from __future__ import annotations
 
+import json
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -20,13 +24,16 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from qtool.algorithms.gptq import gptq_quantize
+from qtool.algorithms.gwq import rtn_keep, saliency, top_mask
 from qtool.algorithms.quantease import quantease_quantize
 from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers, rtn_quantize, scale_dtype_for
-from qtool.arch import ArchSpec
-from qtool.context import StageConfig
-from qtool.errors import QtoolError
+from qtool.arch import ArchSpec, decoder_layers
+from qtool.artifacts import load_tensors, save_tensors, sha256_file, write_json
+from qtool.context import StageConfig, StageContext
+from qtool.errors import ArtifactError, QtoolError
 from qtool.formats.layers import LinearFacts
 from qtool.methods.base import LayerResult, WeightMethod
+from qtool.models.gradients import weight_gradients
 from qtool.models.observers import HessianObserver
 from qtool.models.quantizers import set_dequantized
 from qtool.models.walker import LayerStep
@@ -88,10 +95,30 @@ class QuantEaseConfig(StageConfig):
         return self
 
 
+class GwqConfig(StageConfig):
+    """GWQ (Shao et al., 2024): the top ``fraction`` of each linear's weights by loss-gradient saliency stays in
+    16 bits beside the grid; the rest is quantized by RTN or GPTQ with the kept weights out of the group statistics."""
+
+    method: Literal["gwq"]
+    fraction: float = Field(0.01, gt=0.0, lt=0.5, description="share of each linear's weights kept in 16 bits")
+    saliency: Literal["grad", "grad_weight", "weight", "hessian"] = Field(
+        "grad",
+        description="|dL/dW| (the paper's), |dL/dW * W|, |W| (no data) or W^2 * H_jj (the layer's input Hessian)",
+    )
+    base: Literal["rtn", "gptq"] = Field("gptq", description="how the remaining weights are quantized")
+    gradient_windows: int = Field(8, gt=0, description="calibration windows of the forward + backward pass")
+    gradient_seed: int = Field(0, description="which calibration windows the gradient pass uses")
+    block_size: int = Field(128, gt=0, description="GPTQ: columns updated together")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="GPTQ: dampening, fraction of mean(diag H)")
+    act_order: bool = Field(True, description="GPTQ: process columns by decreasing diag(H); groups stay static")
+
+
 class Rtn(WeightMethod):
     config = RtnConfig
 
-    def quantize_layer(self, cfg: RtnConfig, step: LayerStep, targets: list[Target], spec: ArchSpec) -> LayerResult:
+    def quantize_layer(
+        self, cfg: RtnConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
         result = LayerResult()
         for t in targets:
             result.weights[t.name] = rtn_quantize(weight_of(step.layer, t.name), t.args, scale_dtype=_sdtype(step, t))
@@ -104,7 +131,9 @@ class Gptq(WeightMethod):
     needs_data = True
     needs_hessian = True
 
-    def quantize_layer(self, cfg: GptqConfig, step: LayerStep, targets: list[Target], spec: ArchSpec) -> LayerResult:
+    def quantize_layer(
+        self, cfg: GptqConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
         """All targets from one pass of Hessians, or (``true_sequential``) edge by edge, each edge's Hessians
         collected after the edges before it are quantized."""
         if cfg.true_sequential:
@@ -149,7 +178,7 @@ class QuantEase(WeightMethod):
     needs_hessian = True
 
     def quantize_layer(
-        self, cfg: QuantEaseConfig, step: LayerStep, targets: list[Target], spec: ArchSpec
+        self, cfg: QuantEaseConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
     ) -> LayerResult:
         """The linears that read one input (q/k/v, gate/up) share a Hessian and are solved as one stack of rows
         (rows are independent in QuantEase and GPTQ; one column loop instead of three), except with outliers,
@@ -222,11 +251,94 @@ def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
     return parts
 
 
+class Gwq(WeightMethod):
+    config = GwqConfig
+    needs_data = True  # the gradient pass, and GPTQ's Hessians
+    needs_hessian = True
+
+    def prepare(self, cfg: GwqConfig, ctx: StageContext, plan: list[list[Target]]) -> dict[str, torch.Tensor] | None:
+        """The kept positions of every target (flat int32 indices by ``"<layer>.<linear>"``), from one gradient
+        pass of the full-precision model; stored in the stage directory (``GWQ_KEEP``) and reused on resume."""
+        if cfg.saliency not in ("grad", "grad_weight"):
+            return None  # chosen per layer from the weights (and Hessian)
+        path = ctx.out / GWQ_KEEP
+        kept = _read_checked(path)
+        if kept is not None:
+            ctx.log.info("quantize: gwq kept positions loaded from %s", path.name)
+            return kept
+        layers = decoder_layers(ctx.model, ctx.spec)
+        params = {f"{t.layer}.{t.name}": layers[t.layer].get_submodule(t.name).weight for row in plan for t in row}
+        windows = ctx.calibration_windows()
+        order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.gradient_seed))
+        ids = windows[order[: cfg.gradient_windows]]
+        ctx.log.info("quantize: gwq gradient pass over %d windows", ids.shape[0])
+        grads = weight_gradients(ctx.model, params, ids)
+        kept = {
+            name: top_mask(saliency(cfg.saliency, p, grads.pop(name)), cfg.fraction).flatten().nonzero().flatten()
+            .to(torch.int32)
+            for name, p in params.items()
+        }  # fmt: skip
+        _write_checked(path, kept)
+        return kept
+
+    def quantize_layer(
+        self, cfg: GwqConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
+        hessians = HessianObserver(spec, [t.name for t in targets])
+        step.run(hessians)
+        result = LayerResult()
+        for t in targets:
+            w = weight_of(step.layer, t.name)
+            h = hessians.hessian(t.name)
+            if prep is not None:
+                keep = torch.zeros(w.numel(), dtype=torch.bool)
+                keep[prep[f"{t.layer}.{t.name}"].long()] = True
+                keep = keep.view(w.shape)
+            else:
+                keep = top_mask(saliency(cfg.saliency, w, H=h), cfg.fraction)
+            sdtype = _sdtype(step, t)
+            kdtype = torch.bfloat16 if sdtype == torch.bfloat16 else torch.float16
+            try:
+                if cfg.base == "gptq":
+                    qw = gptq_quantize(
+                        w, h, t.args, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                        scale_dtype=sdtype, keep=keep, keep_dtype=kdtype,
+                    )  # fmt: skip
+                else:
+                    qw = rtn_keep(w, t.args, keep, scale_dtype=sdtype, keep_dtype=kdtype)
+            except ValueError as e:
+                raise QtoolError(f"quantize: layer {t.layer} {t.name}: {e}") from None
+            result.weights[t.name] = qw
+            actorder = "weight" if cfg.base == "gptq" and cfg.act_order else None
+            result.facts[t.name] = LinearFacts("gwq", actorder=actorder)
+            result.errors[f"{t.layer}.{t.name}"] = relative_error(w, qw.dequantize(torch.float32), h)
+        return result
+
+
+GWQ_KEEP = "gwq_keep.safetensors"
+
+
+def _read_checked(path: Path) -> dict[str, torch.Tensor] | None:
+    """Tensors written by ``_write_checked`` whose sha256 still matches, else None (then recomputed)."""
+    try:
+        if json.loads(path.with_suffix(".sha256.json").read_text())["sha256"] != sha256_file(path):
+            return None
+        return load_tensors(path)
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError):
+        return None
+
+
+def _write_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_tensors(path, tensors)
+    write_json(path.with_suffix(".sha256.json"), {"sha256": sha256_file(path)})
+
+
 # config class -> handler. The recipe's ``quantize:`` union is built from the keys, in this order.
 METHODS: dict[type[StageConfig], WeightMethod] = {
     RtnConfig: Rtn(),
     GptqConfig: Gptq(),
     QuantEaseConfig: QuantEase(),
+    GwqConfig: Gwq(),
 }
 
 QuantizeConfig = Annotated[typing.Union[tuple(METHODS)], Field(discriminator="method")]  # noqa: UP007

@@ -32,6 +32,7 @@ class Quantize(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         method = method_for(ctx.config)
         plan = plan_targets(decoder_layers(ctx.model, ctx.spec), ctx.spec, ctx.recipe.scheme)
+        prep = method.prepare(ctx.config, ctx, plan)  # on the full-precision model, before any quantizer
         attach_quantizers(ctx.model, ctx.spec, plan, ctx.recipe.scheme)  # data-driven methods see quantized inputs
         ckpt_dir = ctx.out / LAYERS
         windows = ctx.calibration_windows() if method.needs_data else None
@@ -43,7 +44,7 @@ class Quantize(Stage):
                 set_dequantized(step.layer, done.weights)
                 resumed += 1
                 continue
-            result = method.quantize_layer(ctx.config, step, plan[step.index], ctx.spec)
+            result = method.quantize_layer(ctx.config, step, plan[step.index], ctx.spec, prep)
             errors.update(result.errors)
             set_dequantized(step.layer, result.weights)
             write_layer(ckpt_dir, step.index, LayerCheckpoint(result.weights, result.facts))

@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.pipeline import Pipeline, run_status
 from qtool.recipe import load_recipe
-from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
+from tests.conftest import STORIES, TINYSTORIES, kill_after_first_layer_and_resume, require, write_recipe
 
 pytestmark = pytest.mark.numeric
 
@@ -127,23 +124,9 @@ def test_tampered_artifact_is_reported_and_recomputed(gptq_run):
 def test_sigkill_mid_quantize_then_resume_is_bit_identical(gptq_run, tmp_path):
     recipe, reference_dir, _ = gptq_run
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "qtool", "quantize", "--recipe", str(recipe), "--run-dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_layer = run_dir / "04-quantize.tmp" / "layers" / "000.sha256.json"  # a layer is done with its checksum
-    deadline = time.time() + 300
-    while not first_layer.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "04-quantize").exists(), "the kill landed after quantize finished; test proves nothing"
-    status = {row["stage"]: row["status"] for row in run_status(run_dir)}
-    assert status["quantize"].startswith("partial")
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
+    manifest = kill_after_first_layer_and_resume(recipe, run_dir)
     name = "05-pack/model/model.safetensors"
     assert _sha(run_dir / name) == _sha(reference_dir / name)
-    manifest = json.loads((run_dir / "04-quantize" / "manifest.json").read_text())
     assert manifest["summary"]["resumed_layers"] >= 1
 
 

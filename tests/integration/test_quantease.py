@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from qtool.pipeline import Pipeline
 from qtool.recipe import load_recipe
-from tests.conftest import ROOT, STORIES, TINYSTORIES, require, write_recipe
+from tests.conftest import STORIES, TINYSTORIES, kill_after_first_layer_and_resume, require, write_recipe
 
 pytestmark = pytest.mark.numeric
 
@@ -62,22 +57,9 @@ def test_summary_and_pack_record_the_method(runs):
 
 def test_sigkill_mid_quantize_then_resume_is_bit_identical(runs, tmp_path):
     recipe, reference_dir, _ = runs["quantease"]
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "qtool", "quantize", "--recipe", str(recipe), "--run-dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_layer = run_dir / "04-quantize.tmp" / "layers" / "000.sha256.json"
-    deadline = time.time() + 300
-    while not first_layer.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "04-quantize").exists(), "the kill landed after quantize finished; test proves nothing"
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
+    manifest = kill_after_first_layer_and_resume(recipe, tmp_path / "killed")
     name = "05-pack/model/model.safetensors"
-    assert _sha(run_dir / name) == _sha(reference_dir / name)
-    manifest = json.loads((run_dir / "04-quantize" / "manifest.json").read_text())
+    assert _sha(tmp_path / "killed" / name) == _sha(reference_dir / name)
     assert manifest["summary"]["resumed_layers"] >= 1
 
 
