@@ -145,6 +145,7 @@ def row(label: str, summary: dict, run_dir: Path, wall_seconds: float, peak_rss_
         "packed_vs_bf16": round(pack["bytes"] / pack["bf16_bytes"], 4),
         "quantized_linear_bytes": pack["quantized_linear_bytes"],
         "quantized_linear_vs_bf16": round(pack["quantized_linear_bytes"] / pack["quantized_linear_bf16_bytes"], 4),
+        "effective_bits": pack.get("effective_bits"),  # per quantized weight: ints, scales, zero points, outliers
         "ppl": ev["ppl"],
         "fp_ppl": ev.get("fp_ppl"),
         "eval_seqlen": ev["seqlen"],
