@@ -56,6 +56,27 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w3a16-rtn-channel": ("recipes/w4a16-rtn.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
     "w3a16-gptq-channel": ("recipes/w4a16-gptq.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
     "w3a16-quantease-channel": ("recipes/w4a16-quantease.yaml", ["scheme.weights.bits=3", *PER_CHANNEL]),
+    # GWQ at W3 g64, 1% kept, RTN on the rest: the paper's gradient saliency against |W| and W^2 * H_jj
+    "w3a16-gwq-grad-rtn": ("recipes/w4a16-gwq.yaml", ["scheme.weights.bits=3", "quantize.base=rtn"]),
+    "w3a16-gwq-grad-rtn-gseed1": (
+        "recipes/w4a16-gwq.yaml",
+        ["scheme.weights.bits=3", "quantize.base=rtn", "quantize.gradient_seed=1"],
+    ),
+    "w3a16-gwq-weight-rtn": (
+        "recipes/w4a16-gwq.yaml",
+        ["scheme.weights.bits=3", "quantize.base=rtn", "quantize.saliency=weight"],
+    ),
+    "w3a16-gwq-hessian-rtn": (
+        "recipes/w4a16-gwq.yaml",
+        ["scheme.weights.bits=3", "quantize.base=rtn", "quantize.saliency=hessian"],
+    ),
+    "w3a16-gwq-grad-gptq": ("recipes/w4a16-gwq.yaml", ["scheme.weights.bits=3"]),
+    "w3a16-gwq-weight-gptq": ("recipes/w4a16-gwq.yaml", ["scheme.weights.bits=3", "quantize.saliency=weight"]),
+    # AdaDim at W3 asymmetric g64 (the paper's grids) against the same base method on today's axis alone
+    "w3a16-asym-rtn-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3", "quantize={method: rtn}"]),
+    "w3a16-asym-adadim-rtn-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3", "quantize.base=rtn"]),
+    "w3a16-asym-gptq-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3", "quantize={method: gptq}"]),
+    "w3a16-asym-adadim-gptq-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3"]),
 }
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-Granularity = Literal["tensor", "channel", "group", "token", "head"]
+Granularity = Literal["tensor", "channel", "group", "block", "token", "head"]
 
 
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
@@ -31,6 +31,10 @@ class QuantArgs(BaseModel):
 
     - ``granularity="group"`` with ``group_size=g``: one scale per ``g`` consecutive input channels,
       a weight ``[out, in]`` gets scales ``[out, in // g]``.
+    - ``"block"`` with ``block_structure=(r, c)``: one scale per block of ``r`` output rows by ``c`` input columns,
+      scales ``[out // r, in // c]`` (compressed-tensors' ``strategy: block``). ``(g, 1)`` is AdaDim's per-input-
+      channel grouping: ``g`` consecutive output rows of one input column share a scale. Weights only, and chosen per
+      linear by ``quantize: {method: adadim}``; a scheme's ``weights`` cannot ask for it directly.
     - ``"channel"``: one scale per output row, scales ``[out, 1]``.
     - ``"tensor"``: one scale, ``[1]``.
     - ``"token"``: activations only, one scale per token (row of the flattened ``[tokens, features]`` input);
@@ -51,9 +55,23 @@ class QuantArgs(BaseModel):
     dynamic: bool = False
     observer: Literal["minmax", "mse"] = "minmax"
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    block_structure: tuple[int, int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """``block_structure`` only where set: the dump of every other grid (recipe fingerprints, layer checkpoints)
+        reads as before the field existed."""
+        out = handler(self)
+        if self.block_structure is None:
+            out.pop("block_structure", None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> QuantArgs:
+        if (self.granularity == "block") != (self.block_structure is not None):
+            raise ValueError("granularity 'block' and block_structure [rows, cols] go together")
+        if self.block_structure is not None and min(self.block_structure) < 1:
+            raise ValueError(f"block_structure {list(self.block_structure)} must be two positive sizes")
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. 128); or use granularity 'channel'")
         if self.granularity != "group" and self.group_size is not None:
@@ -61,6 +79,17 @@ class QuantArgs(BaseModel):
         if self.granularity in ("token", "head") and not self.dynamic:
             raise ValueError(f"granularity '{self.granularity}' is computed per batch: set dynamic: true")
         return self
+
+    @property
+    def grid(self) -> str:
+        """Short name of a weight grid for reports: ``input g64`` (groups along the input dimension), ``output g64``
+        (per input channel, groups of 64 rows: block ``(64, 1)``), ``channel``, ``tensor``, ``block 128x128``."""
+        if self.granularity == "group":
+            return f"input g{self.group_size}"
+        if self.granularity == "block" and self.block_structure is not None:
+            rows, cols = self.block_structure
+            return f"output g{rows}" if cols == 1 else f"block {rows}x{cols}"
+        return self.granularity
 
     @property
     def qmin(self) -> int:
@@ -115,6 +144,11 @@ class Scheme(BaseModel):
     def _static_weights(cls, w: QuantArgs) -> QuantArgs:
         if w.dynamic or w.granularity in ("token", "head"):
             raise ValueError("use granularity tensor, channel or group with dynamic: false")
+        if w.granularity == "block":
+            raise ValueError(
+                "granularity block (groups along the output dimension) is chosen per linear by "
+                "quantize: {method: adadim, candidates: [output]}; use granularity group or channel here"
+            )
         return w
 
     @field_validator("input_activations")

@@ -10,6 +10,7 @@ from qtool.arch import decoder_layers, head_dim_of, spec_for
 from qtool.errors import QtoolError
 from qtool.formats.run_dir import refusal
 from qtool.loading import check_finite, check_weight_files, load_config, load_tokenizer, resolve_source, scan_weights
+from qtool.methods import quantize as quantize_methods
 from qtool.methods import transform as transform_methods
 from qtool.recipe import Recipe
 from qtool.targets import plan_targets
@@ -45,7 +46,9 @@ def validate_fit(recipe: Recipe, run_dir: Path | None = None) -> str:
         if context and seqlen and seqlen > context:
             raise QtoolError(f"{field}: {seqlen} exceeds the model's context of {context}; use ≤ {context}")
     model = meta_model(config, recipe.model.trust_remote_code)
-    plan = plan_targets(decoder_layers(model, spec), spec, recipe.scheme)
+    layers = decoder_layers(model, spec)
+    plan = plan_targets(layers, spec, recipe.scheme)
+    quantize_methods.method_for(recipe.quantize).check_plan(recipe.quantize, recipe.scheme, layers, plan)
     _check_dynamic_groups(recipe, plan, config)
     n = sum(len(row) for row in plan)
     fallback = sum(1 for row in plan for t in row if t.args != recipe.scheme.weights)

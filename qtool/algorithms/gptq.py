@@ -8,6 +8,10 @@ Quantization parameters come from ``quantizer.compute_qparams``, so GPTQ and RTN
 With ``act_order=True`` columns are visited in decreasing ``diag(H)`` order. Group parameters are then *static*:
 computed up front from the weight in its natural column groups, so the result packs in the ordinary group layout
 and needs no ``g_idx`` (compressed-tensors ``actorder="weight"``).
+
+Per-input-channel grids (block ``(g, 1)``, AdaDim): each column has its own scales over groups of ``g`` rows, so
+column ``j``'s scales are computed when GPTQ reaches it, from the column as the earlier columns' error updates have
+left it; any column order (act-order included) packs in the same layout.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor
 from qtool.algorithms.quantizer import (
     QuantizedWeight,
     SparseOutliers,
+    column_qparams,
     compute_qparams,
     qparam_shape,
     scale_dtype_for,
@@ -114,6 +119,11 @@ def gptq_quantize(
     if damp < 0:
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), e.g. 0.01), got {damp}")
     qparam_shape((out_features, in_features), args)  # validates granularity and group divisibility
+    per_column = args.granularity == "block"
+    if per_column and (args.block_structure is None or args.block_structure[1] != 1):
+        raise ValueError(f"GPTQ quantizes block grids of one column ({args.block_structure} given)")
+    if per_column and keep is not None:
+        raise ValueError("kept weights (keep=) are not supported with per-input-channel grids")
     dynamic_groups = args.granularity == "group" and not static_groups
     if dynamic_groups and act_order:
         raise ValueError(
@@ -133,7 +143,7 @@ def gptq_quantize(
     if K is not None:
         K[:, dead] = False  # a dead column's weights are 0 and do not matter
 
-    if dynamic_groups:
+    if dynamic_groups or per_column:
         scale = torch.ones(qparam_shape(tuple(W.shape), args), dtype=scale_dtype, device=W.device)
         zp = None if args.symmetric else torch.zeros(scale.shape, dtype=torch.int8, device=W.device)
     else:
@@ -164,7 +174,8 @@ class _ColumnParams:
 
     ``scale`` / ``zp``: the stored qparams (scale dtype / int8, shaped by ``qparam_shape``); ``scale_f`` / ``zp_f``:
     the same as float32 ``[out or 1, n_groups or 1]``; ``group_of[j]``: which of their columns column ``j`` (in the
-    processing order) uses.
+    processing order) uses. Per-input-channel grids (``per_column``): ``scale_f`` / ``zp_f`` are ``[out, in]``, each
+    column filled (``fill_column``) when the loop reaches it, ``group_of[j]`` is column ``j``'s original index.
     """
 
     scale: Tensor
@@ -173,11 +184,16 @@ class _ColumnParams:
     zp_f: Tensor
     group_of: list[int]
     scale_dtype: torch.dtype
+    per_column: bool = False
 
     @classmethod
     def create(
         cls, scale: Tensor, zp: Tensor | None, args: QuantArgs, in_features: int, scale_dtype: torch.dtype
     ) -> _ColumnParams:
+        if args.granularity == "block":
+            out_features = scale.shape[0] * args.block_structure[0]
+            f = torch.zeros(out_features, in_features, dtype=torch.float32, device=scale.device)
+            return cls(scale, zp, f, f.clone(), list(range(in_features)), scale_dtype, per_column=True)
         scale_f = scale.to(torch.float32).reshape(-1 if scale.ndim == 2 else 1, scale.shape[-1]).clone()
         zp_f = torch.zeros_like(scale_f) if zp is None else zp.to(torch.float32).reshape(scale_f.shape)
         group_size = args.group_size or in_features  # channel and tensor grids: one column of qparams
@@ -187,6 +203,16 @@ class _ColumnParams:
         """Scale and zero point of column ``j``: float32 ``[out]`` (or ``[1]`` for a per-tensor grid)."""
         g = self.group_of[j]
         return self.scale_f[:, g], self.zp_f[:, g]
+
+    def fill_column(self, column: int, current: Tensor, args: QuantArgs) -> None:
+        """Per-input-channel grids: set original column ``column``'s qparams from its current values ``[out]``."""
+        s, z = column_qparams(current, args, self.scale_dtype)
+        rows = args.block_structure[0]
+        self.scale[:, column] = s
+        self.scale_f[:, column] = s.to(torch.float32).repeat_interleave(rows)
+        if self.zp is not None and z is not None:
+            self.zp[:, column] = z
+            self.zp_f[:, column] = z.to(torch.float32).repeat_interleave(rows)
 
     def fill_group(self, group: int, current: Tensor, args: QuantArgs) -> None:
         """Dynamic groups: set the qparams of ``group`` from its current weights ``[out, group_size]``."""
@@ -277,6 +303,8 @@ def _gptq_loop(
                 if K is not None:
                     current = current.masked_fill(K[:, j : j + args.group_size], 0.0)
                 params.fill_group(j // args.group_size, current, args)
+            if params.per_column:
+                params.fill_column(params.group_of[j], W1[:, i], args)
             s, z = params.column(j)
             q = torch.round(W1[:, i] / s + z).clamp_(args.qmin, args.qmax)
             if K is not None:  # a kept weight is stored exactly: grid zero here, its value beside, no error

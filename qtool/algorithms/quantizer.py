@@ -3,7 +3,8 @@
 Shapes, for a weight ``w: [out, in]``:
 
 - ``q``: ``[out, in]`` int8, every value in ``[args.qmin, args.qmax]`` (the signed grid of ``qtool.schemes.qrange``);
-- ``scale``: ``[out, in // group_size]`` (group), ``[out, 1]`` (channel) or ``[1]`` (tensor), float in the *scale
+- ``scale``: ``[out, in // group_size]`` (group), ``[out // r, in // c]`` (block ``(r, c)``; AdaDim's per-input-channel
+  groups are ``(g, 1)``), ``[out, 1]`` (channel) or ``[1]`` (tensor), float in the *scale
   dtype* (the model's dtype, see ``scale_dtype_for``): exactly what compressed-tensors stores as ``weight_scale``;
 - ``zero_point``: same shape as ``scale``, int8, ``None`` for symmetric grids.
 
@@ -180,6 +181,16 @@ def qparam_shape(weight_shape: tuple[int, int], args: QuantArgs) -> tuple[int, .
                 f"use a group_size that divides it (e.g. {hint}), granularity 'channel', or ignore this layer"
             )
         return (out_features, in_features // group_size)
+    if args.granularity == "block":
+        assert args.block_structure is not None  # QuantArgs validates this
+        rows, cols = args.block_structure
+        if out_features % rows or in_features % cols:
+            raise ValueError(
+                f"block {rows}x{cols} does not tile the {out_features}x{in_features} weight; use a block size that "
+                f"divides out_features (e.g. {math.gcd(out_features, rows)}) or keep this linear's groups along the "
+                "input dimension"
+            )
+        return (out_features // rows, in_features // cols)
     if args.granularity == "channel":
         return (out_features, 1)
     if args.granularity == "tensor":
@@ -210,6 +221,20 @@ def compute_qparams(
         scale, zp = _grid_params(lo * args.clip_ratio, hi * args.clip_ratio, args, scale_dtype)
     zp_int = None if zp is None else zp.to(torch.int8).reshape(shape)
     return scale.reshape(shape), zp_int
+
+
+def column_qparams(col: Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Qparams of one input column ``col: [out]`` under a per-input-channel grid (block ``(r, 1)``): scale
+    ``[out // r]`` in ``scale_dtype`` and int8 zero point (``None`` when symmetric), with ``args.observer`` — the
+    same numbers ``compute_qparams`` gives that column of a whole weight. GPTQ calls it when it reaches a column."""
+    assert args.granularity == "block" and args.block_structure is not None and args.block_structure[1] == 1
+    rows = col.detach().to(torch.float32).reshape(-1, args.block_structure[0])
+    if args.observer == "mse":
+        scale, zp = _mse_params(rows, args, scale_dtype)
+    else:
+        scale, zp = _grid_params(rows.amin(dim=1) * args.clip_ratio, rows.amax(dim=1) * args.clip_ratio, args,
+                                 scale_dtype)  # fmt: skip
+    return scale, (None if zp is None else zp.to(torch.int8))
 
 
 def quantize(w: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantArgs) -> Tensor:
@@ -263,6 +288,11 @@ def _broadcastable(x: Tensor, qparam: Tensor, args: QuantArgs) -> tuple[Tensor, 
     if args.granularity == "group":
         assert args.group_size is not None
         return x.unflatten(-1, (-1, args.group_size)), qparam.unsqueeze(-1)
+    if args.granularity == "block":
+        assert args.block_structure is not None
+        rows, cols = args.block_structure
+        blocks = x.reshape(x.shape[0] // rows, rows, x.shape[1] // cols, cols)
+        return blocks, qparam.reshape(qparam.shape[0], 1, qparam.shape[1], 1)
     return x, qparam
 
 
@@ -271,6 +301,11 @@ def _scale_groups(w: Tensor, args: QuantArgs) -> Tensor:
     if args.granularity == "group":
         assert args.group_size is not None
         return w.reshape(-1, args.group_size)
+    if args.granularity == "block":
+        assert args.block_structure is not None
+        rows, cols = args.block_structure
+        blocks = w.reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols).permute(0, 2, 1, 3)
+        return blocks.reshape(-1, rows * cols)
     if args.granularity == "channel":
         return w
     return w.reshape(1, -1)

@@ -56,6 +56,12 @@ class WeightMethod:
     ) -> LayerResult:
         raise NotImplementedError
 
+    def check_plan(self, cfg: Any, scheme: Any, layers: Any, plan: list[list[Target]]) -> None:
+        """Raise ``QtoolError`` (naming the field, the linear and a fix) when the method cannot quantize the planned
+        targets of this model; ``layers``: the decoder layers (shapes only, on ``meta`` in ``qtool validate``).
+        Called before anything is written. Nothing by default."""
+        return None
+
     def error_feedback(self, cfg: Any) -> dict[str, Any] | None:
         """For methods that spread each column's rounding error over later columns through the Hessian (GPTQ):
         their damping and column order, which OSTQuant's ``weight_error: gptq`` student mirrors. ``None``: the

@@ -7,6 +7,8 @@
   from GPTQ or RTN (``qtool.algorithms.quantease``).
 - ``gwq``: GWQ (Shao et al., 2024), the most loss-gradient-salient weights kept in 16 bits, the rest by RTN or GPTQ
   (``qtool.algorithms.gwq``).
+- ``adadim``: AdaDim (Heo et al., 2024), each linear's weight groups along the input or the output dimension,
+  whichever gives the lower calibration output error, under RTN or GPTQ (``qtool.algorithms.adadim``).
 
 A new weight method is a pure algorithm module in ``qtool/algorithms/`` and, here, its config class, its handler
 (``WeightMethod``) and one line in ``METHODS`` (``docs/adding-a-method.md``).
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
+from qtool.algorithms.adadim import choose, output_axis_args, output_error
 from qtool.algorithms.gptq import gptq_quantize
 from qtool.algorithms.gwq import rtn_keep, saliency, top_mask
 from qtool.algorithms.quantease import quantease_quantize
@@ -34,9 +37,10 @@ from qtool.errors import ArtifactError, QtoolError
 from qtool.formats.layers import LinearFacts
 from qtool.methods.base import LayerResult, WeightMethod
 from qtool.models.gradients import weight_gradients
-from qtool.models.observers import HessianObserver
+from qtool.models.observers import HessianObserver, ModuleCallsObserver
 from qtool.models.quantizers import set_dequantized
 from qtool.models.walker import LayerStep
+from qtool.schemes import QuantArgs
 from qtool.targets import Target
 
 
@@ -111,6 +115,35 @@ class GwqConfig(StageConfig):
     block_size: int = Field(128, gt=0, description="GPTQ: columns updated together")
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="GPTQ: dampening, fraction of mean(diag H)")
     act_order: bool = Field(True, description="GPTQ: process columns by decreasing diag(H); groups stay static")
+
+
+class AdaDimConfig(StageConfig):
+    """AdaDim (Heo et al., 2024): per linear, weight groups along the input dimension (scales [out, in/g], today's
+    grid) or along the output dimension (per input channel, scales [out/g, in]), whichever has the lower calibration
+    output error; the weights quantized by RTN or GPTQ."""
+
+    method: Literal["adadim"]
+    base: Literal["rtn", "gptq"] = Field("gptq", description="how each candidate grid is quantized")
+    candidates: tuple[Literal["input", "output"], ...] = Field(
+        ("input", "output"),
+        min_length=1,
+        description="axes along which weight groups may run: input (scales [out, in/g]), output (per input channel, "
+        "scales [out/g, in]); ties go to the first",
+    )
+    criterion: Literal["linear", "block"] = Field(
+        "linear",
+        description="linear: the linear's output error tr(dW H dW^T), no extra forward pass; block: the reference "
+        "code's sub-block criterion, MSE of the attention (q/k/v) or MLP (gate/up) output on the calibration windows",
+    )
+    block_size: int = Field(128, gt=0, description="GPTQ: columns updated together")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="GPTQ: dampening, fraction of mean(diag H)")
+    act_order: bool = Field(True, description="GPTQ: process columns by decreasing diag(H)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AdaDimConfig:
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates: {list(self.candidates)} names an axis twice; use [input, output]")
+        return self
 
 
 class Rtn(WeightMethod):
@@ -315,6 +348,120 @@ class Gwq(WeightMethod):
         return result
 
 
+class AdaDim(WeightMethod):
+    config = AdaDimConfig
+    needs_data = True  # the criterion reads the calibration inputs
+    needs_hessian = True
+
+    def check_plan(self, cfg: AdaDimConfig, scheme: Any, layers: Any, plan: list[list[Target]]) -> None:
+        if "output" not in cfg.candidates:
+            return
+        for row in plan:
+            for t in row:
+                out_features = layers[t.layer].get_submodule(t.name).out_features
+                try:
+                    output_axis_args(scheme.weights, out_features, scheme.group_fallback)
+                except ValueError as e:
+                    raise QtoolError(
+                        f"quantize.candidates: output groups run along the output dimension, and for layer "
+                        f"{t.layer} {t.name}: {e}; use a scheme.weights.group_size that divides it, set "
+                        "scheme.group_fallback: channel (one scale per input column there) or ignore (that linear "
+                        "keeps input-axis groups), or drop output from quantize.candidates"
+                    ) from None
+
+    def prepare(self, cfg: AdaDimConfig, ctx: StageContext, plan: list[list[Target]]) -> dict[str, QuantArgs | None]:
+        """Each target's output-axis grid (``None``: none, the linear keeps its input-axis groups), from the scheme's
+        group size and fallback (a target's own arguments may be the per-channel fallback of the input axis)."""
+        layers = decoder_layers(ctx.model, ctx.spec)
+        scheme = ctx.recipe.scheme
+        out = {}
+        for row in plan:
+            for t in row:
+                rows = layers[t.layer].get_submodule(t.name).out_features
+                key = f"{t.layer}.{t.name}"
+                out[key] = (
+                    output_axis_args(scheme.weights, rows, scheme.group_fallback)
+                    if "output" in cfg.candidates
+                    else None
+                )
+        return out
+
+    def quantize_layer(
+        self, cfg: AdaDimConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
+        """Every candidate grid of every linear is quantized, the lowest-error one kept. With ``criterion: block``
+        the linears that read a sub-block's input (q/k/v, gate/up) are decided in order, each one's choice in place
+        while the next is scored, as the reference does; the others' sub-block is the linear itself."""
+        hessians = HessianObserver(spec, [t.name for t in targets])
+        parents = _parents(spec, targets) if cfg.criterion == "block" and len(cfg.candidates) > 1 else {}
+        calls = ModuleCallsObserver(sorted(set(parents.values())))
+        step.run(hessians, calls)
+        reference = {p: calls.outputs(step.layer, p) for p in calls.calls}  # full-precision sub-block outputs
+        result = LayerResult()
+        for t in targets:
+            w = weight_of(step.layer, t.name)
+            h = hessians.hessian(t.name)
+            found: dict[str, QuantizedWeight] = {}
+            for axis in cfg.candidates:
+                args = t.args if axis == "input" else prep[f"{t.layer}.{t.name}"]
+                if args is None:
+                    continue
+                found[axis] = self._quantize(cfg, w, h, args, step, t)
+            if len(found) == 1:
+                axis = next(iter(found))
+            elif t.name in parents:
+                errors = {a: _subblock_error(step.layer, t.name, qw, calls, parents[t.name], reference[parents[t.name]])
+                          for a, qw in found.items()}  # fmt: skip
+                axis = choose(errors)
+            else:
+                axis = choose({a: output_error(w, qw.dequantize(torch.float32), h) for a, qw in found.items()})
+            qw = found[axis]
+            if t.name in parents:  # the next sibling is scored with this choice in place
+                set_dequantized(step.layer, {t.name: qw})
+            result.weights[t.name] = qw
+            actorder = "weight" if cfg.base == "gptq" and cfg.act_order and axis == "input" else None
+            result.facts[t.name] = LinearFacts("adadim", actorder=actorder)
+            result.errors[f"{t.layer}.{t.name}"] = relative_error(w, qw.dequantize(torch.float32), h)
+        return result
+
+    def _quantize(self, cfg: AdaDimConfig, w, h, args, step: LayerStep, t: Target) -> QuantizedWeight:
+        sdtype = _sdtype(step, t)
+        if cfg.base == "rtn":
+            return rtn_quantize(w, args, scale_dtype=sdtype)
+        try:
+            return gptq_quantize(w, h, args, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                                 scale_dtype=sdtype)  # fmt: skip
+        except ValueError as e:
+            raise QtoolError(f"quantize: layer {t.layer} {t.name}: {e}") from None
+
+
+def _parents(spec: ArchSpec, targets: list[Target]) -> dict[str, str]:
+    """Linear -> the module whose input it reads (``self_attn`` for q/k/v, ``mlp`` for gate/up), for the linears
+    of a normalized sub-block input; o/down read an input of their own and are their own sub-block."""
+    out = {}
+    for t in targets:
+        edge = spec.edge_of(t.name)
+        if edge.kind == "norm" and "." in t.name:
+            out[t.name] = t.name.rsplit(".", 1)[0]
+    return out
+
+
+@torch.no_grad()
+def _subblock_error(
+    layer: nn.Module, name: str, qw: QuantizedWeight, calls: ModuleCallsObserver, parent: str, reference: list
+) -> float:
+    """Sum of squared differences (float64) between the sub-block's output with ``name`` set to ``qw`` and its
+    full-precision output; the linear's weight is restored afterwards."""
+    linear = layer.get_submodule(name)
+    saved = linear.weight.data.clone()
+    try:
+        linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
+        outs = calls.outputs(layer, parent)
+    finally:
+        linear.weight.data.copy_(saved)
+    return float(sum((o.double() - r.double()).square().sum() for o, r in zip(outs, reference, strict=True)))
+
+
 GWQ_KEEP = "gwq_keep.safetensors"
 
 
@@ -339,6 +486,7 @@ METHODS: dict[type[StageConfig], WeightMethod] = {
     GptqConfig: Gptq(),
     QuantEaseConfig: QuantEase(),
     GwqConfig: Gwq(),
+    AdaDimConfig: AdaDim(),
 }
 
 QuantizeConfig = Annotated[typing.Union[tuple(METHODS)], Field(discriminator="method")]  # noqa: UP007

@@ -161,3 +161,36 @@ class _Tap:
     def empty(cls, d: int, covariance_tokens: int) -> _Tap:
         cov = ActivationStats(d, covariance=True) if covariance_tokens else None
         return cls(ActivationStats(d, covariance=False), cov, covariance_tokens)
+
+
+class ModuleCallsObserver:
+    """The calls (positional and keyword arguments, one per calibration window) that named submodules of a layer
+    receive, so their outputs can be recomputed with other weights (AdaDim's sub-block criterion). Holds the
+    inputs of every window: memory is windows x tokens x features per module."""
+
+    def __init__(self, modules: Iterable[str]):
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
+
+    def attach(self, layer: nn.Module) -> list[RemovableHandle]:
+        handles = []
+        for name, calls in self.calls.items():
+
+            def hook(_m, args, kwargs, calls=calls):
+                calls.append((args, dict(kwargs)))
+
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    @torch.no_grad()
+    def outputs(self, layer: nn.Module, name: str) -> list[Tensor]:
+        """The module's output for every recorded call, with its current weights."""
+        module = layer.get_submodule(name)
+        outs = []
+        for args, kwargs in self.calls[name]:
+            out = module(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def merge(self, other: ModuleCallsObserver) -> None:
+        for name, calls in other.calls.items():
+            self.calls.setdefault(name, []).extend(calls)

@@ -37,21 +37,27 @@ class Quantize(Stage):
         ckpt_dir = ctx.out / LAYERS
         windows = ctx.calibration_windows() if method.needs_data else None
         errors: dict[str, float] = {}
+        grids: dict[str, dict[str, int]] = {}  # linear name -> grid -> layers (AdaDim's axis choices)
         resumed = 0
         for step in LayerWalker(ctx.model, ctx.spec, windows, progress=ctx.progress, task="quantize layers"):
             done = _read_checkpoint(ckpt_dir, step.index, ctx)
             if done is not None:
                 set_dequantized(step.layer, done.weights)
                 resumed += 1
-                continue
-            result = method.quantize_layer(ctx.config, step, plan[step.index], ctx.spec, prep)
-            errors.update(result.errors)
-            set_dequantized(step.layer, result.weights)
-            write_layer(ckpt_dir, step.index, LayerCheckpoint(result.weights, result.facts))
+            else:
+                result = method.quantize_layer(ctx.config, step, plan[step.index], ctx.spec, prep)
+                errors.update(result.errors)
+                set_dequantized(step.layer, result.weights)
+                done = LayerCheckpoint(result.weights, result.facts)
+                write_layer(ckpt_dir, step.index, done)
+            for name, qw in done.weights.items():
+                counts = grids.setdefault(name, {})
+                counts[qw.args.grid] = counts.get(qw.args.grid, 0) + 1
         if resumed:
             ctx.log.info("quantize: resumed, %d of %d layers loaded from checkpoints", resumed, len(plan))
         n_targets = sum(len(row) for row in plan)
-        return {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed, "layer_error": errors}
+        return {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed, "layer_error": errors,
+                "grids": grids}  # fmt: skip
 
     def apply(self, ctx: StageContext, manifest: dict[str, Any]) -> None:
         layers = decoder_layers(ctx.model, ctx.spec)

@@ -67,6 +67,9 @@ SCHEMES = {
     "w3_g64_asym": QuantArgs(bits=3, symmetric=False, granularity="group", group_size=64),
     "w2_g64_sym": QuantArgs(bits=2, granularity="group", group_size=64),
     "w4_tensor_asym": QuantArgs(bits=4, symmetric=False, granularity="tensor"),
+    # AdaDim's per-input-channel groups: compressed-tensors strategy block [8, 1], scales [out / 8, in]
+    "w3_ic8_asym": QuantArgs(bits=3, symmetric=False, granularity="block", block_structure=(8, 1)),
+    "w4_ic8_sym": QuantArgs(bits=4, granularity="block", block_structure=(8, 1)),
 }
 
 
@@ -123,6 +126,7 @@ def test_quantization_config_validates(name: str, actorder: str | None) -> None:
     weights = config.config_groups["group_0"].weights
     assert weights.num_bits == args.bits and weights.symmetric == args.symmetric
     assert weights.strategy == args.granularity and weights.group_size == args.group_size
+    assert weights.block_structure == (list(args.block_structure) if args.block_structure else None)
     assert weights.actorder == actorder
     assert config.format == PACK_QUANTIZED and config.quantization_status == "compressed"
     json.dumps(block)  # config.json material

@@ -24,6 +24,11 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
   int8 unpacked. ``int-quantized`` (``IntQuantizationCompressor``) is the same layout; compressed-tensors picks it
   (before ``pack-quantized``) for int weights whose scheme also quantizes input activations, so W8A8 and W4A4
   checkpoints store one int8 per weight.
+- Per-input-channel grids (AdaDim's groups along the output dimension) are compressed-tensors ``strategy: block``
+  with ``block_structure: [g, 1]``: ``weight_scale`` ``[out / g, in]``, an asymmetric ``weight_zero_point`` stored
+  unpacked int8 ``[out / g, in]`` (compressed-tensors packs zero points for group and channel only). Its
+  ``PackedQuantizationCompressor`` decompresses them to our weights bit for bit (``tests/unit/test_packing.py``);
+  such linears get their own config group, listed by full name.
 - Activation and KV-cache schemes are recorded as ``input_activations`` (``strategy: token``, ``dynamic: true``)
   and ``kv_cache_scheme`` (qtool's per-head grouping as ``strategy: group`` with ``group_size: head_dim``: the
   only form compressed-tensors accepts for dynamic quantization).
@@ -134,6 +139,8 @@ def quantization_config(
         "dynamic": False,
         "observer": weight_args.observer,
     }
+    if weight_args.block_structure is not None:
+        weights["block_structure"] = list(weight_args.block_structure)
     if actorder:
         weights["actorder"] = actorder
     scheme = {
@@ -236,11 +243,13 @@ def _hit(target: str, prefix: str, linear_types: dict[str, str]) -> bool:
 
 
 def _weight_args(w: dict) -> QuantArgs:
+    block = w.get("block_structure") if w["strategy"] == "block" else None
     return QuantArgs(
         bits=w["num_bits"],
         symmetric=w["symmetric"],
         granularity=w["strategy"],
         group_size=w.get("group_size") if w["strategy"] == "group" else None,
+        block_structure=tuple(block) if block is not None else None,
     )
 
 
