@@ -13,7 +13,7 @@ DEMO_ARGS ?= --set calibration.n_samples=32 --set evaluate.max_tokens=16384
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test test-unit test-avx2 test-slow test-latest lock bench regress lint schema-docs clean
+.PHONY: install demo test test-unit test-avx2 test-slow test-latest compat-ct lock bench regress lint schema-docs clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,13 @@ bench: install
 # Perplexity regression gate (run by CI): quantize stories260K with the W4A16-GPTQ test recipe and compare with the
 # committed baseline. Add each new recipe here as it lands. Re-baseline deliberately with REGRESS_ARGS=--update.
 REGRESS_RUN := runs/ci-stories260k-w4a16-gptq
+# Which older compressed-tensors decompresses qtool's checkpoints exactly (the "version" qtool records): installs
+# the release, without dependencies, into a cache directory put first on PYTHONPATH (network: the package index).
+CT_VERSION ?= 0.17.0
+compat-ct: install
+	test -d .cache/ct-$(CT_VERSION) || $(BIN)/python -m pip install --quiet --no-deps --target .cache/ct-$(CT_VERSION) compressed-tensors==$(CT_VERSION)
+	PYTHONPATH=.cache/ct-$(CT_VERSION) QTOOL_CT_VERSION=$(CT_VERSION) $(BIN)/python -m pytest -q tests/compat
+
 regress: install
 	$(BIN)/qtool quantize --recipe configs/tests/stories260k-w4a16-gptq.yaml --run-dir $(REGRESS_RUN) --force
 	$(BIN)/qtool regress --baseline configs/baselines/stories260k-w4a16-gptq.json \

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +111,28 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
     model.eval()
     model.requires_grad_(False)
     return model, load_tokenizer(src, trust_remote_code)
+
+
+def source_config_json(src: ModelSource) -> dict[str, Any] | None:
+    """The source's own ``config.json`` as written (a local directory, or a hub model's cached copy), ``None`` for a
+    GGUF file (its config is derived from the header) or when none can be read."""
+    if src.kind == "gguf":
+        return None
+    try:
+        if src.kind == "dir":
+            path = Path(src.path) / "config.json"
+        else:
+            from transformers.utils import cached_file
+
+            path = Path(cached_file(src.path, "config.json", local_files_only=True))
+        raw = json.loads(path.read_text())
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+    ):  # a hub copy not in the cache, an unreadable file: the loaded config serves
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):

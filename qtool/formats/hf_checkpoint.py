@@ -56,10 +56,46 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def config_dict(config) -> dict[str, Any]:
-    """A transformers config as ``config.json`` content, without the loader's run-time keys (the source path and
-    the attention implementation chosen at load time)."""
-    out = config.to_dict()
-    for key in [k for k in out if k == "_name_or_path" or k.startswith("_attn_implementation")]:
+def config_dict(config, architecture: str, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config.json`` content for a model derived from a source checkpoint: what the source's own ``config.json``
+    said (``source``; every key kept as it was written), updated where the model's config now differs (a transform
+    that unties the embeddings, the stored dtype), plus what transformers writes for non-default settings
+    (``to_diff_dict``: no id2label, return_dict and other defaults a full dump would invent). ``architectures``
+    names the model class (``architecture``, e.g. ``LlamaForCausalLM``) where the source gave none — a GGUF source
+    has no such field, and converters (llama.cpp's) and runtimes (vLLM) pick the model by it. Loader run-time keys
+    (``_name_or_path``, ``_attn_implementation``, anything starting with ``_``) are dropped."""
+    current = config.to_dict()
+    out = dict(source or {})
+    for key, value in config.to_diff_dict().items():
+        out[key] = value
+    for key in list(out):
+        if key in current and out[key] != current[key] and not _same_json(out[key], current[key]):
+            out[key] = current[key]
+    for key in [k for k in out if k.startswith("_")]:
         del out[key]
+    if "dtype" in out and "torch_dtype" in out:
+        out["torch_dtype"] = out["dtype"]  # transformers 4's name for it: both say how the tensors are stored
+    if not out.get("architectures"):
+        out["architectures"] = [architecture]
     return out
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal once written as JSON (tuples and lists, int and float keys of a parsed file, ...)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+# transformers' "no limit" sentinel for model_max_length (int(1e30)), written when a tokenizer came without one
+_NO_MAX_LENGTH = int(1e29)
+
+
+def save_tokenizer(tokenizer: Any, out: Path, context: int | None) -> None:
+    """The tokenizer files (chat template included) as transformers writes them, with ``model_max_length`` the
+    model's context where the tokenizer has none (a GGUF source: transformers would write its 1e30 sentinel)."""
+    saved = tokenizer.model_max_length
+    if context and (saved is None or saved > _NO_MAX_LENGTH):
+        tokenizer.model_max_length = int(context)
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.model_max_length = saved

@@ -19,7 +19,7 @@ class PackJob:
     """``model``: as the earlier stages left it (transforms fused, online pieces attached, linears holding their
     dequantized weights); ``layer(i)``: the quantize stage's checkpoint of decoder layer ``i`` (the exact integers
     and scales to store); ``dtype``: of unquantized tensors and scales (``None``: the model's own);
-    ``out``: the directory to write."""
+    ``out``: the directory to write; ``source_config``: the source's ``config.json``, kept as written."""
 
     model: torch.nn.Module
     spec: ArchSpec
@@ -29,3 +29,4 @@ class PackJob:
     out: Path
     dtype: torch.dtype | None
     max_shard_bytes: int
+    source_config: dict[str, Any] | None = None  # the source's config.json as written (None: a GGUF source)

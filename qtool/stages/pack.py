@@ -18,7 +18,7 @@ from qtool.formats.layers import LAYERS, read_layer
 from qtool.formats.pack_job import PackJob
 from qtool.formats.registry import PACKED_FORMATS
 from qtool.formats.run_dir import PACKED_MODEL
-from qtool.loading import DTYPES
+from qtool.loading import DTYPES, source_config_json
 from qtool.stages.base import Stage
 
 
@@ -46,5 +46,6 @@ class Pack(Stage):
             out=ctx.out / PACKED_MODEL,
             dtype=None if cfg.dtype == "model" else DTYPES[cfg.dtype],
             max_shard_bytes=cfg.max_shard_bytes,
+            source_config=source_config_json(ctx.source),
         )
         return PACKED_FORMATS[cfg.format].write(job)

@@ -63,8 +63,17 @@ NAIVE_QUANTIZED = "naive-quantized"
 INT_QUANTIZED = "int-quantized"
 FORMATS = (PACK_QUANTIZED, NAIVE_QUANTIZED, INT_QUANTIZED)
 UNPACKED = (NAIVE_QUANTIZED, INT_QUANTIZED)
-# The compressed-tensors release whose on-disk format this module writes; recorded as "version" in config.json.
+# "version" in config.json: the oldest compressed-tensors release whose decompressor reproduces the checkpoint bit
+# for bit (``make compat-ct``): 0.17.0 (vLLM 0.32's pin) for everything qtool writes except dense 3-bit packing,
+# new in 0.20.0. compressed-tensors records the version but does not check it when loading.
 COMPRESSED_TENSORS_VERSION = "0.20.0"
+OLDEST_READER_VERSION = "0.17.0"
+
+
+def reader_version(bits: list[int], fmt: str) -> str:
+    """The ``version`` to record for linears of these bit widths in format ``fmt``."""
+    dense_3bit = fmt == PACK_QUANTIZED and any(32 % b for b in bits)
+    return COMPRESSED_TENSORS_VERSION if dense_3bit else OLDEST_READER_VERSION
 OUTLIER_PREFIX = "weight_outlier_"
 OUTLIER_KEYS = ("row_ptr", "col", "value")
 _REGEX_SECONDS = 1.0  # per match of a config target against one module name

@@ -23,8 +23,9 @@ from qtool.formats.compressed_tensors.layout import (
     compress_linear,
     format_for,
     quantization_config,
+    reader_version,
 )
-from qtool.formats.hf_checkpoint import CONFIG, config_dict, write_shards
+from qtool.formats.hf_checkpoint import CONFIG, config_dict, save_tokenizer, write_shards
 from qtool.formats.layers import LinearFacts
 from qtool.formats.online import QTOOL_SECTION, write_online
 from qtool.formats.online import VERSION as ONLINE_VERSION
@@ -40,7 +41,7 @@ def write_packed(job: PackJob) -> dict[str, Any]:
     dtype = job.dtype
     tensors, groups, linear_bytes, linear_params, outliers = _collect(job, dtype)
     sizes = write_shards(job.out, tensors, job.max_shard_bytes)
-    config = config_dict(job.model.config)
+    config = config_dict(job.model.config, type(job.model).__name__, job.source_config)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = _config_for(groups, job)
@@ -52,7 +53,7 @@ def write_packed(job: PackJob) -> dict[str, Any]:
     write_json(job.out / CONFIG, config)
     if getattr(job.model, "generation_config", None) is not None:
         job.model.generation_config.save_pretrained(job.out)
-    job.tokenizer.save_pretrained(job.out)
+    save_tokenizer(job.tokenizer, job.out, getattr(job.model.config, "max_position_embeddings", None))
     log.info("pack: %d tensors, %.1f MB in %s", len(tensors), sum(sizes) / 1e6, job.out)
     return {
         "bytes": sum(sizes),
@@ -118,15 +119,15 @@ def _config_for(groups: list[_Group], job: PackJob) -> dict[str, Any]:
     quantized = {name for g in groups for name in g.names}
     linears = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in quantized]
+    fmt = format_for(groups[0].args, scheme.input_activations)  # all groups share the bit width, hence the format
+    extra["version"] = reader_version([g.args.bits for g in groups], fmt)
     if len(groups) == 1:
         g = groups[0]
-        fmt = format_for(g.args, scheme.input_activations)
         return quantization_config(g.args, ["Linear"], ignore, fmt, actorder=g.facts.actorder, **extra)
     merged: dict[str, Any] = {}
     for i, g in enumerate(groups):
-        fmt = format_for(g.args, scheme.input_activations)
         qc = quantization_config(g.args, g.names, ignore, fmt, actorder=g.facts.actorder, **extra)
-        merged = merged or {**qc, "config_groups": {}}  # all groups share the bit width, hence the format
+        merged = merged or {**qc, "config_groups": {}}
         merged["config_groups"][f"group_{i}"] = qc["config_groups"]["group_0"]
     return merged
 
