@@ -55,6 +55,21 @@ def localize(raw: dict) -> dict:
     return yaml.safe_load(text)
 
 
+def run_methods(tmp: Path, scheme: dict, runs: dict[str, dict], until: dict[str, str] | None = None) -> dict:
+    """One stories260K pipeline per ``runs`` entry (name -> quantize section) with ``scheme``, in ``tmp/<name>``
+    (``until``: name -> last stage); returns name -> (recipe path, run dir, ``RunResult``)."""
+    from qtool.pipeline import Pipeline
+    from qtool.recipe import load_recipe
+
+    require(STORIES, TINYSTORIES)
+    out = {}
+    for name, quantize in runs.items():
+        recipe = write_recipe(tmp / f"{name}.yaml", name=f"w3-{name}", scheme=scheme, quantize=quantize)
+        stop = (until or {}).get(name)
+        out[name] = (recipe, tmp / name, Pipeline(load_recipe(recipe), tmp / name, until_stage=stop).run())
+    return out
+
+
 def write_recipe(path: Path, base: Path = STORIES_RECIPE, **sections) -> Path:
     """A copy of ``base`` with ``sections`` replaced (``quantize={"method": "rtn"}``), written to ``path``."""
     raw = localize(yaml.safe_load(base.read_text()))

@@ -15,7 +15,15 @@ import torch
 
 from qtool.pipeline import Pipeline
 from qtool.recipe import load_recipe
-from tests.conftest import ROOT, STORIES, TINYSTORIES, kill_after_first_layer_and_resume, require, write_recipe
+from tests.conftest import (
+    ROOT,
+    STORIES,
+    TINYSTORIES,
+    kill_after_first_layer_and_resume,
+    require,
+    run_methods,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.numeric
 
@@ -37,14 +45,8 @@ def _sha(path) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    require(STORIES, TINYSTORIES)
-    tmp = tmp_path_factory.mktemp("adadim")
-    out = {}
-    for name, quantize in RUNS.items():
-        recipe = write_recipe(tmp / f"{name}.yaml", name=f"w3-{name}", scheme=W3_ASYM_G32, quantize=quantize)
-        until = "pack" if name.endswith("-input") else None
-        out[name] = (recipe, tmp / name, Pipeline(load_recipe(recipe), tmp / name, until_stage=until).run())
-    return out
+    until = {name: "pack" for name in RUNS if name.endswith("-input")}  # compared by their packed files only
+    return run_methods(tmp_path_factory.mktemp("adadim"), W3_ASYM_G32, RUNS, until)
 
 
 def _ppl_of(result) -> float:

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from qtool.pipeline import Pipeline
 from qtool.recipe import load_recipe
-from tests.conftest import STORIES, TINYSTORIES, kill_after_first_layer_and_resume, require, write_recipe
+from tests.conftest import STORIES, kill_after_first_layer_and_resume, run_methods
 
 pytestmark = pytest.mark.numeric
 
@@ -28,14 +27,7 @@ def _sha(path) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    require(STORIES, TINYSTORIES)
-    tmp = tmp_path_factory.mktemp("quantease")
-    out = {}
-    for name, quantize in RUNS.items():
-        recipe = write_recipe(tmp / f"{name}.yaml", name=f"w3-{name}", scheme=W3_G32, quantize=quantize)
-        result = Pipeline(load_recipe(recipe), tmp / name).run()
-        out[name] = (recipe, tmp / name, result)
-    return out
+    return run_methods(tmp_path_factory.mktemp("quantease"), W3_G32, RUNS)
 
 
 def test_quantease_beats_gptq_at_w3(runs):
