@@ -48,7 +48,7 @@ class QuantArgs(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
     symmetric: bool = True
     granularity: Granularity = "group"
     group_size: int | None = Field(default=None, gt=0)

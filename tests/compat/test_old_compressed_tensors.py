@@ -30,6 +30,8 @@ CASES = {
     "w8_ch_asym": QuantArgs(bits=8, symmetric=False, granularity="channel"),
     "w2_g64_sym": QuantArgs(bits=2, granularity="group", group_size=64),
     "w3_g64_sym": QuantArgs(bits=3, granularity="group", group_size=64),
+    "w5_g64_asym": QuantArgs(bits=5, symmetric=False, granularity="group", group_size=64),
+    "w6_ch_sym": QuantArgs(bits=6, granularity="channel"),
     "w4_ic64_sym": QuantArgs(bits=4, granularity="block", block_structure=(64, 1)),
     "w4_ic64_asym": QuantArgs(bits=4, symmetric=False, granularity="block", block_structure=(64, 1)),
 }
@@ -52,11 +54,13 @@ def test_old_release_decompresses_exactly_what_the_recorded_version_promises(nam
     w = (torch.randn(128, 192, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
     qw = rtn_quantize(w, args)
     config = QuantizationConfig.model_validate(quantization_config(args, ["layer"], [], fmt))
-    state = BaseCompressor.get_value_from_registry(fmt).decompress(
-        compress_linear(qw, fmt), config.config_groups["group_0"]
-    )
-    exact = torch.equal(state["weight"], qw.dequantize(dtype))
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    try:
+        state = compressor.decompress(compress_linear(qw, fmt), config.config_groups["group_0"])
+        exact = torch.equal(state["weight"], qw.dequantize(dtype))
+    except RuntimeError:  # 0.17.0 on dense 5-bit zero points: shapes that do not match
+        exact = False
     promised = reader_version([args.bits], fmt) <= WANTED  # versions compared as x.y.z strings of one width
     assert exact == promised, (name, fmt, reader_version([args.bits], fmt))
-    if fmt == PACK_QUANTIZED and args.bits == 3:
-        assert not exact  # measured with 0.17.0: dense 3-bit packing is newer
+    if fmt == PACK_QUANTIZED and args.bits in (3, 5, 6):
+        assert not exact  # measured with 0.17.0: dense 3/5/6-bit packing is newer (other numbers or an error)

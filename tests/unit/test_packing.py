@@ -67,6 +67,8 @@ SCHEMES = {
     "w3_g64_asym": QuantArgs(bits=3, symmetric=False, granularity="group", group_size=64),
     "w2_g64_sym": QuantArgs(bits=2, granularity="group", group_size=64),
     "w4_tensor_asym": QuantArgs(bits=4, symmetric=False, granularity="tensor"),
+    "w5_g64_asym": QuantArgs(bits=5, symmetric=False, granularity="group", group_size=64),
+    "w6_ch_sym": QuantArgs(bits=6, granularity="channel"),
     # AdaDim's per-input-channel groups: compressed-tensors strategy block [8, 1], scales [out / 8, in]
     "w3_ic8_asym": QuantArgs(bits=3, symmetric=False, granularity="block", block_structure=(8, 1)),
     "w4_ic8_sym": QuantArgs(bits=4, granularity="block", block_structure=(8, 1)),

@@ -72,8 +72,10 @@ OLDEST_READER_VERSION = "0.17.0"
 
 def reader_version(bits: list[int], fmt: str) -> str:
     """The ``version`` to record for linears of these bit widths in format ``fmt``."""
-    dense_3bit = fmt == PACK_QUANTIZED and any(32 % b for b in bits)
-    return COMPRESSED_TENSORS_VERSION if dense_3bit else OLDEST_READER_VERSION
+    dense = fmt == PACK_QUANTIZED and any(32 % b for b in bits)  # 3, 5, 6 bits straddle words
+    return COMPRESSED_TENSORS_VERSION if dense else OLDEST_READER_VERSION
+
+
 OUTLIER_PREFIX = "weight_outlier_"
 OUTLIER_KEYS = ("row_ptr", "col", "value")
 _REGEX_SECONDS = 1.0  # per match of a config target against one module name
