@@ -116,7 +116,7 @@ def test_missing_recipe_and_bad_override(tmp_path):
     assert_one_line_error(qtool("quantize", "--recipe", str(tmp_path / "none.yaml")), "recipe", "none.yaml")
     require(STORIES, TINYSTORIES)
     path = write_recipe(tmp_path / "r.yaml")
-    assert_one_line_error(qtool("validate", str(path), "--set", "scheme.weights.bits=5"), "scheme.weights.bits")
+    assert_one_line_error(qtool("validate", str(path), "--set", "scheme.weights.bits=7"), "scheme.weights.bits")
 
 
 def test_validate_reports_the_plan(tmp_path):
