@@ -77,6 +77,21 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w3a16-asym-adadim-rtn-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3", "quantize.base=rtn"]),
     "w3a16-asym-gptq-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3", "quantize={method: gptq}"]),
     "w3a16-asym-adadim-gptq-g64": ("recipes/w4a16-adadim.yaml", ["scheme.weights.bits=3"]),
+    # AWQ (asymmetric g64, 128 x 512 WikiText-2 valid: the same windows as the w3a16-asym-* rows above), with each
+    # part switched off in turn, and AWQ + GPTQ
+    "w4a16-asym-rtn-g64": ("recipes/w4a16-awq.yaml", ["quantize={method: rtn}"]),
+    "w4a16-asym-gptq-g64": ("recipes/w4a16-awq.yaml", ["quantize={method: gptq}"]),
+    "w4a16-awq": ("recipes/w4a16-awq.yaml", []),
+    "w4a16-awq-noclip": ("recipes/w4a16-awq.yaml", ["quantize.clip=false"]),
+    "w4a16-awq-novo": ("recipes/w4a16-awq.yaml", ["quantize.mappings=[qkv, gate_up, down_proj]"]),
+    "w4a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", []),
+    "w3a16-awq": ("recipes/w4a16-awq.yaml", ["scheme.weights.bits=3"]),
+    "w3a16-awq-noclip": ("recipes/w4a16-awq.yaml", ["scheme.weights.bits=3", "quantize.clip=false"]),
+    "w3a16-awq-novo": (
+        "recipes/w4a16-awq.yaml",
+        ["scheme.weights.bits=3", "quantize.mappings=[qkv, gate_up, down_proj]"],
+    ),
+    "w3a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", ["scheme.weights.bits=3"]),
 }
 
 

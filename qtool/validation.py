@@ -48,7 +48,7 @@ def validate_fit(recipe: Recipe, run_dir: Path | None = None) -> str:
     model = meta_model(config, recipe.model.trust_remote_code)
     layers = decoder_layers(model, spec)
     plan = plan_targets(layers, spec, recipe.scheme)
-    quantize_methods.method_for(recipe.quantize).check_plan(recipe.quantize, recipe.scheme, layers, plan)
+    quantize_methods.method_for(recipe.quantize).check_plan(recipe.quantize, recipe.scheme, spec, layers, plan)
     _check_dynamic_groups(recipe, plan, config)
     n = sum(len(row) for row in plan)
     fallback = sum(1 for row in plan for t in row if t.args != recipe.scheme.weights)

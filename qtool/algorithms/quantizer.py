@@ -199,13 +199,16 @@ def qparam_shape(weight_shape: tuple[int, int], args: QuantArgs) -> tuple[int, .
 
 
 def compute_qparams(
-    w: Tensor, args: QuantArgs, *, scale_dtype: torch.dtype | None = None
+    w: Tensor, args: QuantArgs, *, scale_dtype: torch.dtype | None = None, clip: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Scale and zero point of ``w: [out, in]`` under ``args`` with the observer ``args.observer``.
 
     Returns ``scale`` in ``scale_dtype`` (default ``scale_dtype_for(w.dtype)``) and ``zero_point`` int8 (``None``
     when symmetric), both shaped ``qparam_shape(w.shape, args)``. The math runs in float32; the zero point is
     derived from the scale as stored, so the grid is exactly the one that will be serialized.
+
+    ``clip`` (minmax observer only; shaped like the scales): each scale's range is that of its weights clamped to
+    ``± clip · max|w|`` (AutoAWQ's clipping: ``[max(lo, -c), min(hi, c)]``); ``None``: the whole range.
     """
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
@@ -214,10 +217,15 @@ def compute_qparams(
         raise ValueError("weight contains inf or nan; cannot choose quantization parameters")
     scale_dtype = scale_dtype or scale_dtype_for(w.dtype)
     rows = _scale_groups(w.detach().to(torch.float32), args)
+    if clip is not None and args.observer == "mse":
+        raise ValueError("clip ranges apply to the minmax observer; the mse observer searches its own")
     if args.observer == "mse":
         scale, zp = _mse_params(rows, args, scale_dtype)
     else:
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        if clip is not None:
+            c = rows.abs().amax(dim=1) * clip.reshape(-1).to(torch.float32)
+            lo, hi = torch.maximum(lo, -c), torch.minimum(hi, c)
         scale, zp = _grid_params(lo * args.clip_ratio, hi * args.clip_ratio, args, scale_dtype)
     zp_int = None if zp is None else zp.to(torch.int8).reshape(shape)
     return scale.reshape(shape), zp_int
@@ -268,9 +276,11 @@ def dequantize(
     return (x * s).reshape(q.shape).to(dtype)
 
 
-def rtn_quantize(w: Tensor, args: QuantArgs, *, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``w: [out, in]`` (qparams from ``compute_qparams``)."""
-    scale, zp = compute_qparams(w, args, scale_dtype=scale_dtype)
+def rtn_quantize(
+    w: Tensor, args: QuantArgs, *, scale_dtype: torch.dtype | None = None, clip: Tensor | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w: [out, in]`` (qparams from ``compute_qparams``, ``clip`` included)."""
+    scale, zp = compute_qparams(w, args, scale_dtype=scale_dtype, clip=clip)
     return QuantizedWeight(quantize(w, scale, zp, args), scale, zp, args)
 
 

@@ -40,8 +40,11 @@ def reader_weights(view: LayerView, edge: Edge) -> list[Tensor]:
 
 
 @torch.no_grad()
-def apply_smoothing(view: LayerView, edge: Edge, s: Tensor) -> None:
-    """Divide ``edge``'s producer's output channels by ``s`` and multiply its readers' input columns by ``s``."""
+def apply_smoothing(view: LayerView, edge: Edge, s: Tensor, columns: Tensor | None = None) -> None:
+    """Divide ``edge``'s producer's output channels by ``s`` and multiply its readers' input columns by ``columns``
+    (default ``s``; a ``heads`` edge of a grouped-query model reads each value row once per query head of its group:
+    ``qtool.algorithms.awq.expand_heads``)."""
+    columns = s if columns is None else columns
     key = f"{edge.producer}.weight"
     if edge.kind == "norm":  # a gain vector
         view.set(key, view.get(key).double() / s)
@@ -50,4 +53,4 @@ def apply_smoothing(view: LayerView, edge: Edge, s: Tensor) -> None:
         if view.has(f"{edge.producer}.bias"):
             view.set(f"{edge.producer}.bias", view.get(f"{edge.producer}.bias").double() / s)
     for name in edge.readers:
-        view.set(f"{name}.weight", view.get(f"{name}.weight").double() * s)
+        view.set(f"{name}.weight", view.get(f"{name}.weight").double() * columns)

@@ -4,6 +4,8 @@ Per quantized linear (``name`` relative to the layer, e.g. ``mlp.down_proj``): t
 ``[out, in]``, ``<name>.scale`` and, for asymmetric grids, ``<name>.zero_point`` (shapes of
 ``qtool.algorithms.quantizer.QuantizedWeight``); a linear with weights kept in 16 bits adds
 ``<name>.outlier_rows`` / ``.outlier_cols`` (int32 ``[k]``) and ``.outlier_values`` (float16/bfloat16 ``[k]``).
+Parameters of the layer that the method changed besides its quantized weights (AWQ's scales folded into a norm gain
+or a bias) are stored whole as ``param:<name>`` (e.g. ``param:input_layernorm.weight``) and set back on resume.
 Metadata: ``format`` (``LAYER_FORMAT``), ``args`` (each linear's
 ``QuantArgs`` as JSON) and ``facts`` (each linear's ``LinearFacts``: which method made it and how its columns were
 ordered), so that pack reads everything it writes from here and never re-derives it from the recipe.
@@ -18,7 +20,7 @@ refused by ``read_layer`` (``ArtifactError``): the quantize stage then recompute
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from qtool.schemes import QuantArgs
 
 LAYERS = "layers"
 LAYER_FORMAT = "qtool.layer/2"
+PARAM = "param:"
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,12 @@ class LinearFacts:
 
 @dataclass
 class LayerCheckpoint:
-    """One decoder layer's quantized linears and their facts, keyed by linear name."""
+    """One decoder layer's quantized linears and their facts, keyed by linear name, and the other parameters the
+    method changed (``params``: full name in the layer -> value)."""
 
     weights: dict[str, QuantizedWeight]
     facts: dict[str, LinearFacts]
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def layer_file(layers_dir: Path, index: int) -> Path:
@@ -70,6 +75,8 @@ def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> No
             tensors[f"{name}.outlier_rows"] = qw.outliers.rows.to(torch.int32)
             tensors[f"{name}.outlier_cols"] = qw.outliers.cols.to(torch.int32)
             tensors[f"{name}.outlier_values"] = qw.outliers.values.contiguous()
+    for name, value in checkpoint.params.items():
+        tensors[f"{PARAM}{name}"] = value.detach().contiguous()
     metadata = {
         "format": LAYER_FORMAT,
         "args": json.dumps(
@@ -112,7 +119,8 @@ def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
         )
         for name, a in args.items()
     }
-    return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()})
+    params = {k[len(PARAM) :]: v for k, v in tensors.items() if k.startswith(PARAM)}
+    return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()}, params)
 
 
 def _outliers(tensors: dict, name: str) -> SparseOutliers | None:

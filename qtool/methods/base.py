@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
 from qtool.algorithms.quantizer import QuantizedWeight
 from qtool.formats.layers import LinearFacts
 
@@ -23,12 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerResult:
-    """One decoder layer quantized: ``weights`` and ``facts`` per linear name, and ``errors``
-    (``"<layer>.<linear>"``: the method's relative output error, for the stage summary)."""
+    """One decoder layer quantized: ``weights`` and ``facts`` per linear name, ``errors``
+    (``"<layer>.<linear>"``: the method's relative output error, for the stage summary), ``params`` (other
+    parameters of the layer the method changed, by name in the layer: AWQ's folded norm gains; checkpointed and set
+    back on resume) and ``details`` (per-layer facts for the stage summary, e.g. AWQ's chosen α)."""
 
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     facts: dict[str, LinearFacts] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class WeightMethod:
@@ -56,7 +62,7 @@ class WeightMethod:
     ) -> LayerResult:
         raise NotImplementedError
 
-    def check_plan(self, cfg: Any, scheme: Any, layers: Any, plan: list[list[Target]]) -> None:
+    def check_plan(self, cfg: Any, scheme: Any, spec: ArchSpec, layers: Any, plan: list[list[Target]]) -> None:
         """Raise ``QtoolError`` (naming the field, the linear and a fix) when the method cannot quantize the planned
         targets of this model; ``layers``: the decoder layers (shapes only, on ``meta`` in ``qtool validate``).
         Called before anything is written. Nothing by default."""

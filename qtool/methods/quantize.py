@@ -7,6 +7,8 @@
   from GPTQ or RTN (``qtool.algorithms.quantease``).
 - ``gwq``: GWQ (Shao et al., 2024), the most loss-gradient-salient weights kept in 16 bits, the rest by RTN or GPTQ
   (``qtool.algorithms.gwq``).
+- ``awq``: AWQ (Lin et al., 2024), activation-aware per-channel scales searched on a grid and folded into the
+  producers, clipping, then RTN or GPTQ (``qtool.algorithms.awq``).
 - ``adadim``: AdaDim (Heo et al., 2024), each linear's weight groups along the input or the output dimension,
   whichever gives the lower calibration output error, under RTN or GPTQ (``qtool.algorithms.adadim``).
 
@@ -17,6 +19,7 @@ A new weight method is a pure algorithm module in ``qtool/algorithms/`` and, her
 from __future__ import annotations
 
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,18 +29,29 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from qtool.algorithms.adadim import choose, output_axis_args, output_error
+from qtool.algorithms.awq import (
+    candidate_scales,
+    clip_ratios,
+    expand_heads,
+    reduce_heads,
+    scaled_fake_quant,
+    search,
+    weight_means,
+)
+from qtool.algorithms.awq import output_error as awq_output_error
 from qtool.algorithms.gptq import gptq_quantize
 from qtool.algorithms.gwq import rtn_keep, saliency, top_mask
 from qtool.algorithms.quantease import quantease_quantize
 from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers, rtn_quantize, scale_dtype_for
-from qtool.arch import ArchSpec, decoder_layers
+from qtool.algorithms.smoothing import apply_smoothing
+from qtool.arch import ArchSpec, LayerView, Shapes, decoder_layers
 from qtool.artifacts import load_tensors, save_tensors, sha256_file, write_json
 from qtool.context import StageConfig, StageContext
 from qtool.errors import ArtifactError, QtoolError
 from qtool.formats.layers import LinearFacts
 from qtool.methods.base import LayerResult, WeightMethod
 from qtool.models.gradients import weight_gradients
-from qtool.models.observers import HessianObserver, ModuleCallsObserver
+from qtool.models.observers import HessianObserver, MeanAbsObserver, ModuleCallsObserver
 from qtool.models.quantizers import set_dequantized
 from qtool.models.walker import LayerStep
 from qtool.schemes import QuantArgs
@@ -144,6 +158,56 @@ class AdaDimConfig(StageConfig):
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates: {list(self.candidates)} names an axis twice; use [input, output]")
         return self
+
+
+class AwqConfig(StageConfig):
+    """AWQ (Lin et al., 2024): per input channel, a scale searched on a grid so that the channels with large
+    activations get a finer weight grid, folded into what produces the input (a norm gain, the value or up
+    projection's rows); then clipping per group (RTN) and RTN or GPTQ on the scaled weights."""
+
+    method: Literal["awq"]
+    base: Literal["rtn", "gptq"] = Field("rtn", description="how the scaled weights are quantized")
+    mappings: tuple[str, ...] = Field(
+        ("qkv", "o_proj", "gate_up", "down_proj"),
+        min_length=1,
+        description="edges of the family table (qtool/arch.py) whose readers are balanced against their producer; "
+        "o_proj is v -> o, grouped-query models included",
+    )
+    duo_scaling: bool | Literal["both"] = Field(
+        True, description="true: s = x^a / w^(1-a); false: s = x^a; both: both grids (twice the candidates)"
+    )
+    grid: int = Field(20, gt=0, le=1000, description="alphas i / grid, i = 0 .. grid-1, per grid (identity added)")
+    loss: Literal["parent", "linear"] = Field(
+        "parent",
+        description="parent: output error of the readers' parent module (attention for q/k/v, MLP for gate/up; o "
+        "and down: the linear) on loss_tokens; linear: the readers' own output error tr(dW H dW^T), all tokens",
+    )
+    loss_tokens: int = Field(
+        8192, ge=0, description="parent loss: calibration tokens scored (whole windows, the first ones); 0: all"
+    )
+    clip: bool | None = Field(
+        None, description="AutoAWQ's activation-weighted clipping search per group (not q/k); default: on with RTN"
+    )
+    clip_grid: int = Field(20, gt=0, le=1000, description="clipping ratios 1 - i / clip_grid")
+    clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0, description="smallest clipping ratio 1 - clip_max_shrink")
+    block_size: int = Field(128, gt=0, description="GPTQ: columns updated together")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="GPTQ: dampening, fraction of mean(diag H)")
+    act_order: bool = Field(True, description="GPTQ: process columns by decreasing diag(H); groups stay static")
+
+    @model_validator(mode="after")
+    def _clip_with_rtn(self) -> AwqConfig:
+        if self.clip and self.base == "gptq":
+            raise ValueError(
+                "clip: the clipping search picks RTN ranges; GPTQ chooses its own as it goes (llm-compressor's AWQ + "
+                "GPTQ does not clip either); set clip: false or base: rtn"
+            )
+        if len(set(self.mappings)) != len(self.mappings):
+            raise ValueError(f"mappings: {list(self.mappings)} names an edge twice")
+        return self
+
+    @property
+    def clipping(self) -> bool:
+        return self.base == "rtn" if self.clip is None else self.clip
 
 
 class Rtn(WeightMethod):
@@ -353,7 +417,7 @@ class AdaDim(WeightMethod):
     needs_data = True  # the criterion reads the calibration inputs
     needs_hessian = True
 
-    def check_plan(self, cfg: AdaDimConfig, scheme: Any, layers: Any, plan: list[list[Target]]) -> None:
+    def check_plan(self, cfg: AdaDimConfig, scheme: Any, spec: ArchSpec, layers: Any, plan: list[list[Target]]) -> None:
         if "output" not in cfg.candidates:
             return
         for row in plan:
@@ -435,6 +499,193 @@ class AdaDim(WeightMethod):
             raise QtoolError(f"quantize: layer {t.layer} {t.name}: {e}") from None
 
 
+class Awq(WeightMethod):
+    config = AwqConfig
+    needs_data = True
+    needs_hessian = True
+
+    def check_plan(self, cfg: AwqConfig, scheme: Any, spec: ArchSpec, layers: Any, plan: list[list[Target]]) -> None:
+        known = [e.name for e in spec.edges]
+        for name in cfg.mappings:
+            if name not in known:
+                raise QtoolError(
+                    f"quantize.mappings: '{name}' is not an edge of the {spec.family} family; its edges: "
+                    f"{', '.join(known)} (qtool/arch.py)"
+                )
+        covered = set(spec.layer_linears)
+        for row in plan:
+            for t in row:
+                if t.name not in covered:
+                    raise QtoolError(
+                        f"quantize: layer {t.layer} {t.name} reads no edge of the {spec.family} family table "
+                        "(qtool/arch.py), so AWQ cannot balance it; add it to scheme.ignore or describe its edge"
+                    )
+        if cfg.clipping and scheme.weights is not None and scheme.weights.observer != "minmax":
+            raise QtoolError(
+                f"quantize.clip: the clipping search picks minmax ranges, scheme.weights.observer is "
+                f"{scheme.weights.observer}; set scheme.weights.observer: minmax or quantize.clip: false"
+            )
+
+    def prepare(self, cfg: AwqConfig, ctx: StageContext, plan: list[list[Target]]) -> Shapes:
+        return Shapes.of(ctx.model.config)
+
+    def quantize_layer(
+        self, cfg: AwqConfig, step: LayerStep, targets: list[Target], spec: ArchSpec, prep: Any = None
+    ) -> LayerResult:
+        """One forward of the windows collects each edge's mean |x| and Hessian (and the parents' inputs); the
+        edges are then searched and folded in order (q/k/v, v -> o, gate/up, up -> down), each from the full-precision
+        layer's statistics rescaled by the folds before it; last, every target is clipped and quantized."""
+        shapes: Shapes = prep
+        layer, view = step.layer, LayerView(step.layer, spec, shapes)
+        by_name = {t.name: t for t in targets}
+        edges = [e for e in spec.edges if e.name in cfg.mappings and any(m in by_name for m in spec.linears(e))]
+        parents = {}
+        if cfg.loss == "parent":
+            for e in edges:
+                mods = spec.linears(e)
+                if e.kind == "norm" and all("." in m for m in mods):
+                    parent = mods[0].rsplit(".", 1)[0]
+                    if all(m.rsplit(".", 1)[0] == parent for m in mods):
+                        parents[e.name] = parent
+        seqlen = step.inputs.hidden[0].shape[1] if step.inputs is not None and step.inputs.hidden else 1
+        limit = None if cfg.loss_tokens == 0 else max(1, -(-cfg.loss_tokens // seqlen))
+        hessians = HessianObserver(spec, [t.name for t in targets])
+        means = MeanAbsObserver(spec, edges)
+        calls = ModuleCallsObserver(sorted(set(parents.values())), limit=limit)
+        step.run(hessians, means, calls)
+        h_of = {e.name: hessians.hessian(next(m for m in spec.linears(e) if m in by_name)) for e in spec.edges
+                if any(m in by_name for m in spec.linears(e))}  # fmt: skip
+        before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        details: dict[str, Any] = {}
+        for e in edges:
+            mods = [m for m in spec.linears(e) if m in by_name]
+            w0 = {m: weight_of(layer, m) for m in mods}
+            args0 = by_name[mods[0]].args
+            x_mean = means.mean_abs(e.name)
+            w_mean = weight_means(list(w0.values()), args0.group_size if args0.granularity == "group" else None)
+            gqa = e.kind == "heads" and x_mean.numel() != view.get(f"{e.producer}.weight").shape[0]
+            if gqa:  # one scale per value row, shared by the o_proj columns of every query head of its group
+                dims = (shapes.heads, shapes.kv_heads, shapes.head_dim)
+                x_mean, w_mean = reduce_heads(x_mean, *dims), reduce_heads(w_mean, *dims)
+                columns = lambda s, dims=dims: expand_heads(s, *dims)  # noqa: E731
+            else:
+                columns = lambda s: s  # noqa: E731
+            h = h_of[e.name]
+            if e.name in parents:
+                reference = calls.outputs(layer, parents[e.name])
+                loss = lambda s, e=e, w0=w0, ref=reference: _parent_loss(  # noqa: E731
+                    layer, {m: (w0[m], by_name[m].args) for m in w0}, s, calls, parents[e.name], ref, step, by_name
+                )
+            else:
+                loss = lambda s, w0=w0, h=h, columns=columns: sum(  # noqa: E731
+                    awq_output_error(
+                        w0[m], scaled_fake_quant(w0[m], columns(s), by_name[m].args, _sdtype(step, by_name[m])), h
+                    )
+                    for m in w0
+                )
+            duo = {True: "true", False: "false"}.get(cfg.duo_scaling, "both")  # type: ignore[arg-type]
+            candidates = candidate_scales(x_mean, w_mean, cfg.grid, duo)
+            try:
+                s, losses = search(candidates, loss)
+            except ValueError as err:
+                raise QtoolError(f"quantize: layer {step.index} edge {e.name} ({', '.join(mods)}): {err}") from None
+            best = min((i for i, v in enumerate(losses) if math.isfinite(v)), key=lambda i: (losses[i], i))
+            details[e.name] = {"candidate": best, "loss_vs_identity": losses[best] / losses[0] if losses[0] else 1.0}
+            if best:  # the identity folds nothing
+                cols = columns(s)
+                apply_smoothing(view, e, s, cols)
+                inv = 1.0 / cols
+                h_of[e.name] = h * inv.unsqueeze(1) * inv.unsqueeze(0)  # the readers' input is now X / s
+        result = LayerResult(details=details)
+        for t in targets:
+            w = weight_of(layer, t.name)
+            h = h_of[spec.edge_of(t.name).name]
+            sdtype = _sdtype(step, t)
+            if cfg.base == "gptq":
+                try:
+                    qw = gptq_quantize(w, h, t.args, block_size=cfg.block_size, damp=cfg.damp,
+                                       act_order=cfg.act_order, scale_dtype=sdtype)  # fmt: skip
+                except ValueError as err:
+                    raise QtoolError(f"quantize: layer {t.layer} {t.name}: {err}") from None
+            elif cfg.clipping and not _reads_query_or_key(spec, t.name):
+                ratios, _ = clip_ratios(w, h, t.args, sdtype, grid=cfg.clip_grid, max_shrink=cfg.clip_max_shrink)
+                qw = rtn_quantize(w, t.args, scale_dtype=sdtype, clip=ratios)
+            else:
+                qw = rtn_quantize(w, t.args, scale_dtype=sdtype)
+            result.weights[t.name] = qw
+            actorder = "weight" if cfg.base == "gptq" and cfg.act_order else None
+            result.facts[t.name] = LinearFacts("awq", actorder=actorder)
+            result.errors[f"{t.layer}.{t.name}"] = relative_error(w, qw.dequantize(torch.float32), h)
+        quantized = {f"{t.name}.weight" for t in targets}
+        result.params = {n: p.detach().clone() for n, p in layer.named_parameters()
+                         if n not in quantized and not torch.equal(p, before[n])}  # fmt: skip
+        return result
+
+    def error_feedback(self, cfg: AwqConfig) -> dict[str, Any] | None:
+        return {"gptq_damp": cfg.damp, "gptq_act_order": cfg.act_order} if cfg.base == "gptq" else None
+
+
+def _reads_query_or_key(spec: ArchSpec, linear: str) -> bool:
+    """q/k (or a fused module holding them): their outputs meet in a softmax, which an output error misjudges, so
+    AutoAWQ does not clip them."""
+    return any(p in ("q", "k") for p in spec.parts(linear))
+
+
+@torch.no_grad()
+def _parent_loss(
+    layer: nn.Module,
+    readers: dict[str, tuple[torch.Tensor, QuantArgs]],
+    s: torch.Tensor,
+    calls: ModuleCallsObserver,
+    parent: str,
+    reference: list[torch.Tensor],
+    step: LayerStep,
+    by_name: dict[str, Target],
+) -> float:
+    """Sum of squared differences between the parent's full-precision output and its output with each reader set
+    to ``Q(W s) / s``; recomputed in float64 when float32 overflows. Weights are restored afterwards."""
+    saved = {m: layer.get_submodule(m).weight.data.clone() for m in readers}
+    try:
+        for m, (w, args) in readers.items():
+            linear = layer.get_submodule(m)
+            linear.weight.data.copy_(scaled_fake_quant(w, s, args, _sdtype(step, by_name[m])).to(linear.weight.dtype))
+        outs = calls.outputs(layer, parent)
+        value = float(sum((o.double() - r.double()).square().sum() for o, r in zip(outs, reference, strict=True)))
+        if not math.isfinite(value):
+            value = _float64_loss(layer, parent, calls, readers, s, step, by_name, saved)
+    finally:
+        for m, w in saved.items():
+            layer.get_submodule(m).weight.data.copy_(w)
+    return value
+
+
+def _float64_loss(layer, parent, calls, readers, s, step, by_name, saved) -> float:
+    """The parent loss with the parent module and its inputs in float64 (reference outputs recomputed too)."""
+    module = layer.get_submodule(parent)
+    dtype = next(module.parameters()).dtype
+
+    def cast(x):
+        if torch.is_tensor(x) and x.is_floating_point():
+            return x.double()
+        return tuple(cast(v) for v in x) if isinstance(x, tuple) else x
+
+    try:
+        module.double()
+        outs = {}
+        for label, weights in (("ref", {m: saved[m] for m in readers}), ("q", None)):
+            for m, (w, args) in readers.items():
+                value = saved[m] if weights is not None else scaled_fake_quant(w, s, args, _sdtype(step, by_name[m]))
+                layer.get_submodule(m).weight.data.copy_(value.double())
+            res = []
+            for args_, kwargs in calls.calls[parent]:
+                out = module(*cast(tuple(args_)), **{k: cast(v) for k, v in kwargs.items()})
+                res.append(out[0] if isinstance(out, tuple) else out)
+            outs[label] = res
+        return float(sum((o - r).square().sum() for o, r in zip(outs["q"], outs["ref"], strict=True)))
+    finally:
+        module.to(dtype)
+
+
 def _parents(spec: ArchSpec, targets: list[Target]) -> dict[str, str]:
     """Linear -> the module whose input it reads (``self_attn`` for q/k/v, ``mlp`` for gate/up), for the linears
     of a normalized sub-block input; o/down read an input of their own and are their own sub-block."""
@@ -487,6 +738,7 @@ METHODS: dict[type[StageConfig], WeightMethod] = {
     QuantEaseConfig: QuantEase(),
     GwqConfig: Gwq(),
     AdaDimConfig: AdaDim(),
+    AwqConfig: Awq(),
 }
 
 QuantizeConfig = Annotated[typing.Union[tuple(METHODS)], Field(discriminator="method")]  # noqa: UP007

@@ -7,6 +7,7 @@ another observer of the same layer, so shards of the calibration windows (proces
 
 - ``HessianObserver``: ``XᵀX`` per edge (GPTQ, OSTQuant's error shares), as ``gptq.HessianAccumulator``s;
 - ``AbsmaxObserver``: per-channel ``max |x|`` per edge (SmoothQuant);
+- ``MeanAbsObserver``: per-channel mean ``|x|`` per edge (AWQ);
 - ``InputStatsObserver``: kurtosis, channel absmax, max/median ratio and QSUR per edge (outlier statistics).
 """
 
@@ -105,6 +106,31 @@ class AbsmaxObserver(_EdgeObserver):
             self.acc.setdefault(edge, _Absmax()).update(acc.value)
 
 
+class MeanAbsObserver(_EdgeObserver):
+    """Per-channel mean ``|x|`` (float64 ``[in]``, over every token) at the input of each of ``edges``."""
+
+    def __init__(self, spec: ArchSpec, edges: Iterable[Edge]):
+        super().__init__(spec, edges)
+
+    def _new(self, linear: nn.Module) -> list:
+        return [torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device), 0]
+
+    def _add(self, acc: list, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        acc[0] += x.abs().double().sum(dim=0)
+        acc[1] += x.shape[0]
+
+    def mean_abs(self, edge: str) -> Tensor:
+        total, count = self.acc[edge]
+        return total / max(count, 1)
+
+    def merge(self, other: MeanAbsObserver) -> None:
+        for edge, (total, count) in other.acc.items():
+            mine = self.acc.setdefault(edge, [torch.zeros_like(total), 0])
+            mine[0] += total.to(mine[0].device)
+            mine[1] += count
+
+
 @dataclass
 class _Absmax:
     value: Tensor | None = None
@@ -168,15 +194,17 @@ class ModuleCallsObserver:
     receive, so their outputs can be recomputed with other weights (AdaDim's sub-block criterion). Holds the
     inputs of every window: memory is windows x tokens x features per module."""
 
-    def __init__(self, modules: Iterable[str]):
+    def __init__(self, modules: Iterable[str], limit: int | None = None):
         self.calls: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
+        self.limit = limit  # keep the first ``limit`` calls of each module (None: all)
 
     def attach(self, layer: nn.Module) -> list[RemovableHandle]:
         handles = []
         for name, calls in self.calls.items():
 
             def hook(_m, args, kwargs, calls=calls):
-                calls.append((args, dict(kwargs)))
+                if self.limit is None or len(calls) < self.limit:
+                    calls.append((args, dict(kwargs)))
 
             handles.append(layer.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
         return handles

@@ -7,6 +7,7 @@ attaches them to train against, and ``apply`` attaches them again on resume.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from qtool.algorithms.quantizer import QuantizedWeight
@@ -45,6 +46,13 @@ def detach_quantizers(model: nn.Module, spec: ArchSpec) -> None:
             hook = getattr(layer.get_submodule(name), "qtool_input", None)
             if hook is not None:
                 hook.quant = None
+
+
+@torch.no_grad()
+def set_params(layer: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Set parameters of ``layer`` by their name in it (a method's folded norm gains, from a layer checkpoint)."""
+    for name, value in params.items():
+        layer.get_parameter(name).data.copy_(value)
 
 
 def set_dequantized(layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:

@@ -18,7 +18,7 @@ from qtool.arch import decoder_layers
 from qtool.context import StageContext
 from qtool.formats.layers import LAYERS, LayerCheckpoint, finished_layers, layer_file, read_layer, write_layer
 from qtool.methods.quantize import method_for
-from qtool.models.quantizers import attach_quantizers, set_dequantized
+from qtool.models.quantizers import attach_quantizers, set_dequantized, set_params
 from qtool.models.walker import LayerWalker
 from qtool.stages.base import Stage
 from qtool.targets import plan_targets
@@ -37,18 +37,23 @@ class Quantize(Stage):
         ckpt_dir = ctx.out / LAYERS
         windows = ctx.calibration_windows() if method.needs_data else None
         errors: dict[str, float] = {}
+        details: dict[str, Any] = {}  # layer -> the method's per-layer facts (AWQ's scales)
         grids: dict[str, dict[str, int]] = {}  # linear name -> grid -> layers (AdaDim's axis choices)
         resumed = 0
         for step in LayerWalker(ctx.model, ctx.spec, windows, progress=ctx.progress, task="quantize layers"):
             done = _read_checkpoint(ckpt_dir, step.index, ctx)
             if done is not None:
+                set_params(step.layer, done.params)
                 set_dequantized(step.layer, done.weights)
                 resumed += 1
             else:
                 result = method.quantize_layer(ctx.config, step, plan[step.index], ctx.spec, prep)
                 errors.update(result.errors)
+                if result.details:
+                    details[str(step.index)] = result.details
+                set_params(step.layer, result.params)
                 set_dequantized(step.layer, result.weights)
-                done = LayerCheckpoint(result.weights, result.facts)
+                done = LayerCheckpoint(result.weights, result.facts, result.params)
                 write_layer(ckpt_dir, step.index, done)
             for name, qw in done.weights.items():
                 counts = grids.setdefault(name, {})
@@ -56,14 +61,19 @@ class Quantize(Stage):
         if resumed:
             ctx.log.info("quantize: resumed, %d of %d layers loaded from checkpoints", resumed, len(plan))
         n_targets = sum(len(row) for row in plan)
-        return {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed, "layer_error": errors,
-                "grids": grids}  # fmt: skip
+        summary = {"method": ctx.config.method, "linears": n_targets, "resumed_layers": resumed,
+                   "layer_error": errors, "grids": grids}  # fmt: skip
+        if details:
+            summary["layers"] = details
+        return summary
 
     def apply(self, ctx: StageContext, manifest: dict[str, Any]) -> None:
         layers = decoder_layers(ctx.model, ctx.spec)
         ckpt_dir = ctx.reader.path("quantize") / LAYERS
         for i, layer in enumerate(layers):
-            set_dequantized(layer, read_layer(ckpt_dir, i).weights)
+            done = read_layer(ckpt_dir, i)
+            set_params(layer, done.params)
+            set_dequantized(layer, done.weights)
         attach_quantizers(ctx.model, ctx.spec, plan_targets(layers, ctx.spec, ctx.recipe.scheme), ctx.recipe.scheme)
 
     def partial_progress(self, partial_dir: Path) -> str | None:
