@@ -183,7 +183,10 @@ class AwqConfig(StageConfig):
         "and down: the linear) on loss_tokens; linear: the readers' own output error tr(dW H dW^T), all tokens",
     )
     loss_tokens: int = Field(
-        8192, ge=0, description="parent loss: calibration tokens scored (whole windows, the first ones); 0: all"
+        2048,
+        ge=0,
+        description="parent loss: calibration tokens scored (attention: the first windows holding that many; MLP: "
+        "that many tokens evenly spaced over all windows); 0: all",
     )
     clip: bool | None = Field(
         None, description="AutoAWQ's activation-weighted clipping search per group (not q/k); default: on with RTN"
@@ -551,8 +554,14 @@ class Awq(WeightMethod):
         limit = None if cfg.loss_tokens == 0 else max(1, -(-cfg.loss_tokens // seqlen))
         hessians = HessianObserver(spec, [t.name for t in targets])
         means = MeanAbsObserver(spec, edges)
-        calls = ModuleCallsObserver(sorted(set(parents.values())), limit=limit)
-        step.run(hessians, means, calls)
+        # attention mixes the tokens of a window: whole windows; the MLP is per token: tokens from every window
+        windows = ModuleCallsObserver(sorted({p for p in parents.values() if p == spec.attention}), limit=limit)
+        tokens = ModuleCallsObserver(sorted({p for p in parents.values() if p != spec.attention}))
+        step.run(hessians, means, windows, tokens)
+        calls = ModuleCallsObserver([])
+        calls.merge(windows)
+        for name in tokens.calls:
+            calls.calls[name] = _token_sample(tokens.calls[name], cfg.loss_tokens)
         h_of = {e.name: hessians.hessian(next(m for m in spec.linears(e) if m in by_name)) for e in spec.edges
                 if any(m in by_name for m in spec.linears(e))}  # fmt: skip
         before = {n: p.detach().clone() for n, p in layer.named_parameters()}
@@ -623,6 +632,18 @@ class Awq(WeightMethod):
 
     def error_feedback(self, cfg: AwqConfig) -> dict[str, Any] | None:
         return {"gptq_damp": cfg.damp, "gptq_act_order": cfg.act_order} if cfg.base == "gptq" else None
+
+
+def _token_sample(calls: list[tuple[tuple, dict]], n: int) -> list[tuple[tuple, dict]]:
+    """The recorded calls of a per-token module (one positional input ``[1, seq, d]`` per window, no keyword
+    arguments) as one call on ``n`` tokens evenly spaced over all windows (0, or no more tokens than that: all of
+    them); calls of another form are returned as they are."""
+    if not calls or any(len(args) != 1 or kwargs for args, kwargs in calls):
+        return calls
+    x = torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args, _ in calls])
+    if 0 < n < x.shape[0]:
+        x = x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+    return [((x.unsqueeze(0),), {})]
 
 
 def _reads_query_or_key(spec: ArchSpec, linear: str) -> bool:

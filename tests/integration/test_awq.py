@@ -47,11 +47,11 @@ def _ppl_of(result) -> float:
 
 def test_awq_beats_rtn_and_matches_gptq(runs):
     ppl = {name: _ppl_of(r[2]) for name, r in runs.items()}
-    # measured (AMD EPYC): RTN 8.333, AWQ without clipping 7.492, AWQ 6.245; GPTQ 6.1106, AWQ + GPTQ 6.1106
+    # measured (AMD EPYC): RTN 8.333, AWQ without clipping 7.653, AWQ 6.351; GPTQ 6.111, AWQ + GPTQ 6.015
     assert ppl["awq"] < ppl["awq-noclip"] < 0.95 * ppl["rtn"]
     assert ppl["awq"] < 0.8 * ppl["rtn"]
-    # AWQ + GPTQ equals GPTQ to 5e-7 relative here (layer errors move both ways, e.g. v_proj 0.026 -> 0.019):
-    # bounded, not claimed better on this model
+    # AWQ + GPTQ is 1.6% below GPTQ here; with loss_tokens 8192 it was equal to 5e-7 (layer errors move both ways):
+    # bounded by GPTQ's, not claimed better
     assert ppl["awq-gptq"] <= ppl["gptq"] * 1.002
 
 
