@@ -203,3 +203,44 @@ def test_one_layer_never_raises_its_parents_calibration_error(tmp_path):
     # measured: 0.722 of plain RTN's attention output error (q/k/v and o quantized in both)
     assert awq_attn <= plain["self_attn"] * (1 + 1e-6)
     assert awq_attn < 0.9 * plain["self_attn"]
+
+
+def test_a_parent_output_that_overflows_float32_is_scored_in_float64():
+    """An MLP whose float32 output overflows (inputs ~1e18 through weights ~1e3, squared by the gate): the loss is
+    recomputed with the module and its inputs in float64 instead of coming back inf, and the module is restored."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from qtool.methods.quantize import _parent_loss
+    from qtool.models.observers import ModuleCallsObserver
+    from qtool.targets import Target
+
+    torch.manual_seed(0)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+        nn.Linear(16, 32, False),
+        nn.Linear(16, 32, False),
+        nn.Linear(32, 16, False),
+    )
+    mlp.forward = lambda x: mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+    layer = nn.Module()
+    layer.mlp = mlp
+    with torch.no_grad():
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.mul_(1e3)
+    x = torch.randn(1, 8, 16) * 1e18
+    calls = ModuleCallsObserver(["mlp"])
+    calls.calls["mlp"] = [((x,), {})]
+    reference = calls.outputs(layer, "mlp")
+    assert not torch.isfinite(reference[0]).all()  # float32 overflows
+    args = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=16)
+    names = ("mlp.gate_proj", "mlp.up_proj")
+    by_name = {n: Target(0, n, 16, args) for n in names}
+    readers = {n: (layer.get_submodule(n).weight.detach().clone(), args) for n in names}
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    step = SimpleNamespace(layer=layer)
+    loss = _parent_loss(layer, readers, torch.ones(16, dtype=torch.float64), calls, "mlp", reference, step, by_name)
+    assert math.isfinite(loss) and loss > 0
+    for n, p in layer.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n])
