@@ -55,7 +55,7 @@ def recipe_file(tmp_path):
             lambda r: r["scheme"].update(group_fallback="error"),
             ["scheme.weights.group_size", "in_features=172", "model.layers.0.mlp.down_proj", "use 4"],
         ),
-        (lambda r: r["quantize"].update(method="awq"), ["quantize", "'awq'", "gptq"]),
+        (lambda r: r["quantize"].update(method="spqr"), ["quantize", "'spqr'", "awq"]),
         (lambda r: r.update(model="/nope/model"), ["model", "/nope/model"]),
         (
             lambda r: r["scheme"].update(
