@@ -82,6 +82,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a16-asym-rtn-g64": ("recipes/w4a16-awq.yaml", ["quantize={method: rtn}"]),
     "w4a16-asym-gptq-g64": ("recipes/w4a16-awq.yaml", ["quantize={method: gptq}"]),
     "w4a16-awq": ("recipes/w4a16-awq.yaml", []),
+    # the budget of the llm-compressor comparison (docs/methods/awq.md): 16 x 512 windows
+    "w4a16-awq-16x512": ("recipes/w4a16-awq.yaml", ["calibration.n_samples=16"]),
     "w4a16-awq-noclip": ("recipes/w4a16-awq.yaml", ["quantize.clip=false"]),
     "w4a16-awq-novo": ("recipes/w4a16-awq.yaml", ["quantize.mappings=[qkv, gate_up, down_proj]"]),
     "w4a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", []),
