@@ -183,6 +183,20 @@ def smooth_randomly(model, generator: torch.Generator, scale: float = 50.0) -> N
             apply_smoothing(view, edge, smoothing_scales(act, w, 0.5))
 
 
+def refused_before_writing(recipe: Path, run_dir: Path, message: str) -> None:
+    """``qtool validate`` and ``qtool quantize`` both refuse ``recipe``: exit 2, ``message`` in the output, no
+    traceback, and nothing written at ``run_dir``."""
+    import subprocess
+    import sys
+
+    for command in (["validate", str(recipe)], ["quantize", "--recipe", str(recipe), "--run-dir", str(run_dir)]):
+        proc = subprocess.run([sys.executable, "-m", "qtool", *command], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2, (recipe.name, proc.stderr)
+        assert message in proc.stderr + proc.stdout, (recipe.name, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
 def kill_after_first_layer_and_resume(recipe: Path, run_dir: Path) -> dict:
     """Start ``qtool quantize`` as a process, SIGKILL it once the quantize stage has checkpointed its first layer,
     check the kill landed inside that stage, then rerun to completion; returns the resumed quantize manifest."""
