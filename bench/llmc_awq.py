@@ -1,9 +1,21 @@
 """llm-compressor's AWQ on the windows of a qtool run, for the side-by-side row of ``docs/methods/awq.md``.
 
-Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17): ``make bench-llmc-awq`` builds it in
-``.venv-llmc`` and runs this script there; it does not import qtool. Input: a full-precision Hugging Face model
-directory (``bench/export_fp.py`` writes SmolLM2's from the GGUF) and the calibration windows of a qtool run
-(``01-calibrate/inputs.safetensors``), so both tools see the same tokens. Recipe: ``AWQModifier()`` (duo scaling,
+Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17) and does not import qtool. The steps of
+the measured comparison (``bench/llmc-awq.json``)::
+
+    python3 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+    .venv/bin/python bench/export_fp.py ../shared/assets/models/smollm2-135m-instruct-q4_1-gguf bench/out/smollm2-fp
+    .venv/bin/qtool quantize -r recipes/w4a16-awq.yaml --model bench/out/smollm2-fp \
+        --set calibration.n_samples=16 --until-stage calibrate --run-dir bench/out/llmc/qtool
+    cp bench/out/llmc/qtool/01-calibrate/inputs.safetensors bench/out/llmc/windows.safetensors
+    OMP_NUM_THREADS=1 /usr/bin/time -v .venv-llmc/bin/python bench/llmc_awq.py --model bench/out/smollm2-fp \
+        --windows bench/out/llmc/windows.safetensors --out bench/out/llmc/llmc-awq
+    OMP_NUM_THREADS=1 /usr/bin/time -v .venv/bin/qtool quantize -r recipes/w4a16-awq.yaml \
+        --model bench/out/smollm2-fp --set calibration.n_samples=16 --run-dir bench/out/llmc/qtool   # beside it
+    .venv/bin/qtool eval --model bench/out/llmc/llmc-awq --seqlen 2048 --max-tokens 40960
+
+Input: a full-precision Hugging Face model directory (``bench/export_fp.py`` writes SmolLM2's from the GGUF) and the
+calibration windows of a qtool run, so both tools see the same tokens. Recipe: ``AWQModifier()`` (duo scaling,
 grid 20, its Llama mappings) + ``QuantizationModifier`` int asymmetric weights in groups (W4A16_ASYM at the chosen
 bits and group size), ``lm_head`` ignored. Prints one JSON line: wall seconds, peak RSS, the output directory.
 """
