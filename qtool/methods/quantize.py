@@ -598,7 +598,7 @@ class Awq(WeightMethod):
                 s, losses = search(candidates, loss)
             except ValueError as err:
                 raise QtoolError(f"quantize: layer {step.index} edge {e.name} ({', '.join(mods)}): {err}") from None
-            best = min((i for i, v in enumerate(losses) if math.isfinite(v)), key=lambda i: (losses[i], i))
+            best = next(i for i, c in enumerate(candidates) if c is s)  # 0: the identity
             details[e.name] = {"candidate": best, "loss_vs_identity": losses[best] / losses[0] if losses[0] else 1.0}
             if best:  # the identity folds nothing
                 cols = columns(s)
