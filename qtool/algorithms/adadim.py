@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from torch import Tensor
-
 from qtool.schemes import QuantArgs
 
 Axis = Literal["input", "output"]
@@ -56,12 +53,6 @@ def output_axis_args(weights: QuantArgs, out_features: int, fallback: str = "err
 def axis_of(args: QuantArgs) -> Axis:
     """Which axis a linear's weight groups run along."""
     return "output" if args.granularity == "block" else "input"
-
-
-def output_error(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
-    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` in float64: the linear's output error on the calibration inputs (``H ∝ XᵀX``)."""
-    d = (w - w_hat).to(torch.float64)
-    return float(((d @ H.to(torch.float64)) * d).sum())
 
 
 def choose(errors: dict[str, float]) -> str:

@@ -88,14 +88,6 @@ def scaled_fake_quant(w: Tensor, s: Tensor, args: QuantArgs, scale_dtype: torch.
     return dequantize(quantize(ws, scale, zp, args), scale, zp, args, torch.float64) / s
 
 
-def output_error(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)`` (``H``: ``XᵀX`` up to a positive factor): a linear's output error. ``ΔW`` is formed in
-    float64, the product ``ΔW H`` runs in float32 (a relative error ~1e-6, the same for every candidate: it ranks
-    them, it is not reported) and the sum in float64."""
-    d = w.double() - w_hat.double()
-    return float(((d.float() @ H.float()).double() * d).sum())
-
-
 def expand_heads(s: Tensor, heads: int, kv_heads: int, head_dim: int) -> Tensor:
     """A scale over the value projection's rows (``kv_heads · head_dim``) -> over o_proj's input columns
     (``heads · head_dim``): every query head of a KV group reads that group's values, so its columns get the

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qtool.algorithms.objective import output_error
 from qtool.algorithms.quantizer import (
     QuantizedWeight,
     SparseOutliers,
@@ -60,12 +61,6 @@ class QuantEaseResult:
     objective: float
     initial_objective: float
     history: list[float]  # f after each quantized sweep
-
-
-def layer_objective(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
-    """``tr((Ŵ - W) Σ (Ŵ - W)ᵀ)`` in float64."""
-    d = w_hat.to(torch.float64) - w.to(torch.float64)
-    return float(((d @ H.to(torch.float64)) * d).sum())
 
 
 def relaxed_schedule(iterations: int, relax_every: int, final_quantized: int) -> list[bool]:
@@ -197,7 +192,7 @@ def quantease_quantize(
         sparse = SparseOutliers.from_dense(Hs, torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float16)
     weight = QuantizedWeight(Q.contiguous().to(torch.int8), scale, zp, args, sparse)
     if outliers:
-        f = layer_objective(w, weight.dequantize(torch.float32), H)
+        f = output_error(w, weight.dequantize(torch.float32), H)
     logger.debug("quantease: f %.6g -> %.6g over %d sweeps", initial_f, f, iterations)
     return QuantEaseResult(weight, f, initial_f, history)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from qtool.algorithms.adadim import choose, output_axis_args, output_error
+from qtool.algorithms.adadim import choose, output_axis_args
 from qtool.algorithms.awq import (
     candidate_scales,
     clip_ratios,
@@ -38,9 +38,9 @@ from qtool.algorithms.awq import (
     search,
     weight_means,
 )
-from qtool.algorithms.awq import output_error as awq_output_error
 from qtool.algorithms.gptq import gptq_quantize
 from qtool.algorithms.gwq import rtn_keep, saliency, top_mask
+from qtool.algorithms.objective import output_error, relative_error
 from qtool.algorithms.quantease import quantease_quantize
 from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers, rtn_quantize, scale_dtype_for
 from qtool.algorithms.smoothing import apply_smoothing
@@ -586,9 +586,13 @@ class Awq(WeightMethod):
                     layer, {m: (w0[m], by_name[m].args) for m in w0}, s, calls, parents[e.name], ref, step, by_name
                 )
             else:
-                loss = lambda s, w0=w0, h=h, columns=columns: sum(  # noqa: E731
-                    awq_output_error(
-                        w0[m], scaled_fake_quant(w0[m], columns(s), by_name[m].args, _sdtype(step, by_name[m])), h
+                h32 = h.float()  # output_error's product runs in float32: converted once, not per candidate
+                loss = lambda s, w0=w0, h=h32, columns=columns: sum(  # noqa: E731
+                    output_error(
+                        w0[m],
+                        scaled_fake_quant(w0[m], columns(s), by_name[m].args, _sdtype(step, by_name[m])),
+                        h,
+                        product=torch.float32,
                     )
                     for m in w0
                 )
@@ -664,47 +668,28 @@ def _parent_loss(
     by_name: dict[str, Target],
 ) -> float:
     """Sum of squared differences between the parent's full-precision output and its output with each reader set
-    to ``Q(W s) / s``; recomputed in float64 when float32 overflows. Weights are restored afterwards."""
+    to ``Q(W s) / s``; when that overflows in the layer's dtype, both outputs are recomputed in float64. The
+    readers' weights are restored afterwards."""
     saved = {m: layer.get_submodule(m).weight.data.clone() for m in readers}
-    try:
-        for m, (w, args) in readers.items():
+    fake = {m: scaled_fake_quant(w, s, args, _sdtype(step, by_name[m])) for m, (w, args) in readers.items()}
+
+    def outputs(weights: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+        for m, w in weights.items():
             linear = layer.get_submodule(m)
-            linear.weight.data.copy_(scaled_fake_quant(w, s, args, _sdtype(step, by_name[m])).to(linear.weight.dtype))
-        outs = calls.outputs(layer, parent)
-        value = float(sum((o.double() - r.double()).square().sum() for o, r in zip(outs, reference, strict=True)))
+            linear.weight.data = w.to(dtype or linear.weight.dtype)
+        return calls.outputs(layer, parent, dtype)
+
+    def distance(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+        return float(sum((o.double() - r.double()).square().sum() for o, r in zip(outs, refs, strict=True)))
+
+    try:
+        value = distance(outputs(fake, None), reference)
         if not math.isfinite(value):
-            value = _float64_loss(layer, parent, calls, readers, s, step, by_name, saved)
+            value = distance(outputs(fake, torch.float64), outputs(saved, torch.float64))
     finally:
         for m, w in saved.items():
-            layer.get_submodule(m).weight.data.copy_(w)
+            layer.get_submodule(m).weight.data = w
     return value
-
-
-def _float64_loss(layer, parent, calls, readers, s, step, by_name, saved) -> float:
-    """The parent loss with the parent module and its inputs in float64 (reference outputs recomputed too)."""
-    module = layer.get_submodule(parent)
-    dtype = next(module.parameters()).dtype
-
-    def cast(x):
-        if torch.is_tensor(x) and x.is_floating_point():
-            return x.double()
-        return tuple(cast(v) for v in x) if isinstance(x, tuple) else x
-
-    try:
-        module.double()
-        outs = {}
-        for label, weights in (("ref", {m: saved[m] for m in readers}), ("q", None)):
-            for m, (w, args) in readers.items():
-                value = saved[m] if weights is not None else scaled_fake_quant(w, s, args, _sdtype(step, by_name[m]))
-                layer.get_submodule(m).weight.data.copy_(value.double())
-            res = []
-            for args_, kwargs in calls.calls[parent]:
-                out = module(*cast(tuple(args_)), **{k: cast(v) for k, v in kwargs.items()})
-                res.append(out[0] if isinstance(out, tuple) else out)
-            outs[label] = res
-        return float(sum((o - r).square().sum() for o, r in zip(outs["q"], outs["ref"], strict=True)))
-    finally:
-        module.to(dtype)
 
 
 def _parents(spec: ArchSpec, targets: list[Target]) -> dict[str, str]:
@@ -777,11 +762,3 @@ def weight_of(layer: nn.Module, name: str) -> torch.Tensor:
 def _sdtype(step: LayerStep, target: Target) -> torch.dtype:
     """Scales are stored (and quantization computed) in the model's dtype, as compressed-tensors expects."""
     return scale_dtype_for(step.layer.get_submodule(target.name).weight.dtype)
-
-
-def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """GPTQ's proxy loss relative to the output energy: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
-    h = h.to(torch.float64)
-    d = (w - w_hat).to(torch.float64)
-    w = w.to(torch.float64)
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))

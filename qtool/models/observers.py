@@ -210,15 +210,39 @@ class ModuleCallsObserver:
         return handles
 
     @torch.no_grad()
-    def outputs(self, layer: nn.Module, name: str) -> list[Tensor]:
-        """The module's output for every recorded call, with its current weights."""
+    def outputs(self, layer: nn.Module, name: str, dtype: torch.dtype | None = None) -> list[Tensor]:
+        """The module's output for every recorded call, with its current weights; with ``dtype``, the module and
+        the calls' floating-point tensors are cast to it for the computation (each parameter and buffer gets its
+        own dtype back after)."""
         module = layer.get_submodule(name)
-        outs = []
-        for args, kwargs in self.calls[name]:
-            out = module(*args, **kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        return outs
+        calls = self.calls[name]
+        tensors = [*module.parameters(), *module.buffers()]
+        dtypes = [t.dtype for t in tensors]
+        if dtype is not None:
+            for t in tensors:
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+            calls = [(_cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}) for args, kwargs in calls]
+        try:
+            outs = []
+            for args, kwargs in calls:
+                out = module(*args, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+            return outs
+        finally:
+            for t, d in zip(tensors, dtypes, strict=True):
+                if t.dtype != d:
+                    t.data = t.data.to(d)
 
     def merge(self, other: ModuleCallsObserver) -> None:
         for name, calls in other.calls.items():
             self.calls.setdefault(name, []).extend(calls)
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    """Floating-point tensors in ``x`` (nested tuples and lists included) cast to ``dtype``; anything else as is."""
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x

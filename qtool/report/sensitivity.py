@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 REPORT = "sensitivity.json"
 PLOT = "sensitivity.png"
+METHODS_REPORT = "methods.json"  # several recipes side by side (``compare``)
+METHODS_PLOT = "methods.png"
 FILES = {
     "wikitext2": "wikitext-2-raw-v1/wiki.valid.raw",
     "c4": "c4/c4_en_validation_sample2000.jsonl.gz",
@@ -241,7 +243,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     from qtool.report.plots import _new_figure, _save
 
     fig = _new_figure(max(6.0, 1.4 * len(report["sets"])), 4.5)
-    ax = fig.add_subplot(1, 1, 1)
+    _draw(fig.add_subplot(1, 1, 1), report, "calibration-set sensitivity")
+    _save(fig, path)
+
+
+def _draw(ax: Any, report: dict[str, Any], title: str) -> None:
     names = [s["set"] for s in report["sets"]]
     ax.bar(range(len(names)), [s["ppl_mean"] for s in report["sets"]], color="#9ecae1", width=0.6, label="mean")
     for i, name in enumerate(names):
@@ -255,9 +261,46 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("perplexity")
     spread = report["set_spread"]
-    title = "calibration-set sensitivity"
     if spread is not None:
         title += f"\nset spread {spread:.1%} of the quantization gap, seed spread {report['seed_spread']:.1%}"
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
+
+
+def compare(reports: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Several recipes' reports (by recipe name, each from ``run_study``) side by side: per recipe the FP
+    perplexity, the gap, both spreads and the mean perplexity per set; written to ``METHODS_REPORT`` and plotted
+    (``METHODS_PLOT``) under ``out``."""
+    rows = []
+    for name, r in reports.items():
+        rows.append(
+            {
+                "recipe": name,
+                "fp_ppl": r["fp_ppl"],
+                "gap": r["gap"],
+                "set_range": r["set_range"],
+                "seed_range": r["seed_range"],
+                "set_spread": r["set_spread"],
+                "seed_spread": r["seed_spread"],
+                "ppl_by_set": {s["set"]: s["ppl_mean"] for s in r["sets"]},
+            }
+        )
+    comparison = {"methods": rows}
+    write_json(out / METHODS_REPORT, comparison)
+    try:
+        plot_methods(reports, out / METHODS_PLOT)
+    except ImportError:
+        log.warning("sensitivity: matplotlib is not installed; no plot written")
+    return comparison
+
+
+def plot_methods(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """One panel per recipe as in ``plot``, the panels side by side (each with its own perplexity axis)."""
+    from qtool.report.plots import _new_figure, _save
+
+    n = len(reports)
+    width = max(5.0, 1.2 * max(len(r["sets"]) for r in reports.values()))
+    fig = _new_figure(width * n, 4.8)
+    for i, (name, report) in enumerate(reports.items()):
+        _draw(fig.add_subplot(1, n, i + 1), report, name)
     _save(fig, path)

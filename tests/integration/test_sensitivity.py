@@ -34,11 +34,12 @@ def recipe(tmp_path):
 
 
 def _run(recipe, out, sets="tinystories,punctuation", seeds="0,1"):
-    args = ["sensitivity", "-r", str(recipe), "--sets", sets, "--seeds", seeds, "--out", str(out),
+    recipes = [x for r in (recipe if isinstance(recipe, list) else [recipe]) for x in ("-r", str(r))]
+    args = ["sensitivity", *recipes, "--sets", sets, "--seeds", seeds, "--out", str(out),
             "--set", "evaluate.max_tokens=8192", "--json"]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    return json.loads((out / study.REPORT).read_text())
+    return json.loads(res.output) if isinstance(recipe, list) else json.loads((out / study.REPORT).read_text())
 
 
 def test_rtn_spread_is_exactly_zero(recipe, tmp_path):
@@ -66,16 +67,21 @@ def test_gptq_spread_report_and_resume(recipe, tmp_path):
 
 
 def test_the_seed_studys_three_methods_run(recipe, tmp_path):
-    """The seed study's methods besides GPTQ: AWQ (weights) and SmoothQuant W8A8 (its scales come from the
-    calibration set; the weights are RTN here, so any spread is SmoothQuant's)."""
-    awq = _run(recipe("awq"), tmp_path / "awq", seeds="0")
-    smooth = _run(recipe("rtn", transform={"method": "smoothquant", "alpha": 0.5}, scheme="W8A8"), tmp_path / "sq",
-                  seeds="0")  # fmt: skip
-    for report in (awq, smooth):
-        by_set = {s["set"]: s for s in report["sets"]}
-        assert report["set_range"] > 0 and report["seed_range"] == 0.0  # one seed: no seed spread
+    """The seed study's methods besides GPTQ, in one command (``-r`` twice): AWQ (weights) and SmoothQuant W8A8
+    (its scales come from the calibration set; the weights are RTN here, so any spread is SmoothQuant's); each is
+    a study of its own under OUT/<recipe name>, compared in OUT/methods.json and methods.png."""
+    out = tmp_path / "both"
+    smooth = recipe("rtn", transform={"method": "smoothquant", "alpha": 0.5}, scheme="W8A8")
+    comparison = _run([recipe("awq"), smooth], out, seeds="0")
+    assert [m["recipe"] for m in comparison["methods"]] == ["sens-awq", "sens-rtn"]
+    assert json.loads((out / study.METHODS_REPORT).read_text()) == comparison
+    assert (out / study.METHODS_PLOT).stat().st_size > 10_000
+    for m in comparison["methods"]:
+        report = json.loads((out / m["recipe"] / study.REPORT).read_text())
+        assert report["set_spread"] == m["set_spread"] and (out / m["recipe"] / "runs").is_dir()
+        assert m["set_range"] > 0 and m["seed_range"] == 0.0  # one seed: no seed spread
         # measured: AWQ W4 g32 4.298 (TinyStories) vs 4.401 (punctuation); SmoothQuant W8A8 3.9846 vs 3.9917
-        assert by_set["tinystories"]["ppl_mean"] < by_set["punctuation"]["ppl_mean"]
+        assert m["ppl_by_set"]["tinystories"] < m["ppl_by_set"]["punctuation"]
 
 
 def test_bad_sets_and_seeds_are_one_line(recipe, tmp_path):
@@ -84,6 +90,7 @@ def test_bad_sets_and_seeds_are_one_line(recipe, tmp_path):
         (["--sets", "nosuchset"], "--sets: nosuchset"),
         (["--sets", "tinystories,tinystories"], "named twice"),
         (["--seeds", "a,b"], "--seeds"),
+        (["-r", str(r)], "named the same"),
     ]:
         res = CliRunner().invoke(app, ["sensitivity", "-r", str(r), "--out", str(tmp_path / "x"), *args])
         assert res.exit_code != 0 and expected in str(res.exception or res.output)

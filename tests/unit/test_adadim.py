@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.algorithms.adadim import axis_of, choose, output_axis_args, output_error
+from qtool.algorithms.adadim import axis_of, choose, output_axis_args
 from qtool.algorithms.gptq import gptq_quantize
+from qtool.algorithms.objective import output_error
 from qtool.algorithms.quantizer import column_qparams, rtn_quantize
 from qtool.methods.quantize import AdaDimConfig
 from qtool.schemes import QuantArgs, Scheme

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qtool.algorithms.gptq import gptq_quantize
-from qtool.algorithms.quantease import layer_objective, quantease_quantize, relaxed_schedule
+from qtool.algorithms.objective import output_error
+from qtool.algorithms.quantease import quantease_quantize, relaxed_schedule
 from qtool.algorithms.quantizer import compute_qparams, rtn_quantize
 from qtool.schemes import QuantArgs
 
@@ -35,13 +36,13 @@ def test_quantized_sweeps_from_gptq_never_raise_the_objective(args):
         w, h = _problem(seed)
         start = gptq_quantize(w, h, args, act_order=True)
         res = quantease_quantize(w, h, args, init=start, iterations=10, relax_every=0, exact=True)
-        f0 = layer_objective(w, start.dequantize(), h)
+        f0 = output_error(w, start.dequantize(), h)
         assert res.initial_objective == pytest.approx(f0, rel=1e-7)  # float32 differences: measured 2e-9
         trace = [f0, *res.history]
         # each sweep's f (float64, exact=True) <= the previous one's: measured worst ratio 1.0, allowed 1 + 1e-6
         assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(trace)), trace
         assert res.objective <= f0  # exact: the best quantized state is returned
-        assert res.objective == pytest.approx(layer_objective(w, res.weight.dequantize(), h), rel=1e-7)
+        assert res.objective == pytest.approx(output_error(w, res.weight.dequantize(), h), rel=1e-7)
         # it does improve on GPTQ here: measured 0.86-0.92 of GPTQ's f over these seeds and both grids
         assert res.objective < 0.97 * f0
         assert torch.equal(res.weight.scale, start.scale)  # same grid as its starting point
@@ -60,7 +61,7 @@ def test_each_column_is_set_to_its_best_grid_value():
         for r in range(w.shape[0]):
             best = min(
                 range(args.qmin, args.qmax + 1),
-                key=lambda q: layer_objective(w[r : r + 1], _with(current[r : r + 1], j, q * scale[r]), h),
+                key=lambda q: output_error(w[r : r + 1], _with(current[r : r + 1], j, q * scale[r]), h),
             )
             current[r, j] = best * scale[r]
     assert torch.equal(res.weight.dequantize(), current)
@@ -77,7 +78,7 @@ def test_from_rtn_thirty_sweeps_reach_gptq():
     wins = 0
     for seed in range(10):
         w, h = _problem(100 + seed)
-        gptq = layer_objective(w, gptq_quantize(w, h, W3_G32, act_order=True).dequantize(), h)
+        gptq = output_error(w, gptq_quantize(w, h, W3_G32, act_order=True).dequantize(), h)
         res = quantease_quantize(w, h, W3_G32, iterations=30, relax_every=3)
         wins += res.objective <= gptq
     assert wins >= 9  # measured: 10 of 10, at 0.84-0.91 of GPTQ's f
@@ -109,7 +110,7 @@ def test_outlier_aware_variant_beats_plain(structure):
     res = quantease_quantize(w, h, W3_CHANNEL, iterations=20, outlier_fraction=0.02, outlier_structure=structure)
     outliers = res.weight.outliers
     assert outliers is not None and outliers.values.dtype == torch.float16
-    assert res.objective == pytest.approx(layer_objective(w, res.weight.dequantize(), h), rel=1e-9)
+    assert res.objective == pytest.approx(output_error(w, res.weight.dequantize(), h), rel=1e-9)
     if structure == "structured":
         cols = outliers.cols.unique()
         assert len(cols) <= round(0.02 * w.shape[1]) and outliers.count <= len(cols) * w.shape[0]
