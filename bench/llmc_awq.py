@@ -11,7 +11,8 @@ the measured comparison (``bench/llmc-awq.json``)::
     OMP_NUM_THREADS=1 /usr/bin/time -v .venv-llmc/bin/python bench/llmc_awq.py --model bench/out/smollm2-fp \
         --windows bench/out/llmc/windows.safetensors --out bench/out/llmc/llmc-awq
     OMP_NUM_THREADS=1 /usr/bin/time -v .venv/bin/qtool quantize -r recipes/w4a16-awq.yaml \
-        --model bench/out/smollm2-fp --set calibration.n_samples=16 --run-dir bench/out/llmc/qtool   # beside it
+        --model bench/out/smollm2-fp --set calibration.n_samples=16 --until-stage pack \
+        --run-dir bench/out/llmc/qtool-t2048   # beside it; then --set quantize.loss_tokens=1024, 512
     .venv/bin/qtool eval --model bench/out/llmc/llmc-awq --seqlen 2048 --max-tokens 40960
 
 Input: a full-precision Hugging Face model directory (``bench/export_fp.py`` writes SmolLM2's from the GGUF) and the
