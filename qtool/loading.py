@@ -85,8 +85,9 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
         raise QtoolError(f"model: {src.path}: {_first_line(e)}") from e
 
 
-def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` in eval mode on CPU, gradients off for all parameters."""
+def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool = False, kernels: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode on CPU, gradients off for all parameters. ``kernels``: a packed
+    checkpoint's linears that an integer kernel can hold stay packed (``qtool.models.kernels``); otherwise dense."""
     from transformers import AutoModelForCausalLM
 
     from qtool.arch import spec_for
@@ -101,7 +102,7 @@ def load_model(src: ModelSource, dtype: str = "float32", trust_remote_code: bool
     try:
         packed = format_of(load_config(src, trust_remote_code))
         if packed is not None:
-            model = packed.load(src.path, DTYPES[dtype], trust_remote_code)
+            model = packed.load(src.path, DTYPES[dtype], trust_remote_code, kernels)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except QtoolError:

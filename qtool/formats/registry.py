@@ -19,12 +19,13 @@ from qtool.formats.pack_job import PackJob
 @dataclass(frozen=True)
 class PackedFormat:
     """``write(job) -> summary`` (``bytes``, ``bf16_bytes``, ``tensors``, ``quantized_linear_bytes``,
-    ``quantized_linear_bf16_bytes``); ``detect(config) -> bool``; ``load(path, dtype, trust_remote_code) -> model``
-    (dense, eval mode, with what runs online attached)."""
+    ``quantized_linear_bf16_bytes``); ``detect(config) -> bool``; ``load(path, dtype, trust_remote_code, kernels)
+    -> model`` (eval mode, with what runs online attached; dense, or with ``kernels`` the linears an integer kernel of
+    ``qtool.models.kernels`` can hold left packed)."""
 
     write: Callable[[PackJob], dict[str, Any]]
     detect: Callable[[Any], bool]
-    load: Callable[[str, torch.dtype, bool], torch.nn.Module]
+    load: Callable[[str, torch.dtype, bool, bool], torch.nn.Module]
 
 
 PACKED_FORMATS: dict[str, PackedFormat] = {

@@ -47,6 +47,7 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import regex
@@ -197,16 +198,27 @@ def _dynamic_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[s
 
 
 def decompress_linears(
-    state: dict[str, Tensor], qc: dict[str, Any], linear_types: dict[str, str], dtype: torch.dtype
-) -> None:
-    """Replace, in ``state``, every quantized linear's stored tensors by its dense ``weight`` in ``dtype``.
+    state: dict[str, Tensor],
+    qc: dict[str, Any],
+    linear_types: dict[str, str],
+    dtype: torch.dtype,
+    keep: Callable[[str, QuantizedWeight], bool] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Replace, in ``state``, every quantized linear's stored tensors by its dense ``weight`` in ``dtype`` — except
+    those for which ``keep(name, quantized_weight)`` is true, which are removed from ``state`` and returned.
 
     ``qc``: the checkpoint's ``quantization_config``; ``linear_types``: module name -> class name of every linear of
     the model (config targets may name a class, e.g. ``Linear``). Decompression is compressed-tensors' own
     arithmetic (``QuantizedWeight.dequantize`` in the scale dtype), so the weights are bit-identical to its."""
+    kept = {}
     for prefix in sorted(k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")):
         args = _weight_args(group_for(prefix, linear_types, qc)["weights"])
-        state[f"{prefix}.weight"] = _decompress(state, prefix, args).to(dtype)
+        qw = _quantized(state, prefix, args)
+        if keep is not None and keep(prefix, qw):
+            kept[prefix] = qw
+        else:
+            state[f"{prefix}.weight"] = qw.dequantize(qw.scale.dtype).to(dtype)
+    return kept
 
 
 def input_quant_of(name: str, linear_types: dict[str, str], qc: dict[str, Any]) -> QuantArgs | None:
@@ -264,7 +276,8 @@ def _weight_args(w: dict) -> QuantArgs:
     )
 
 
-def _decompress(state: dict[str, Tensor], prefix: str, args: QuantArgs) -> Tensor:
+def _quantized(state: dict[str, Tensor], prefix: str, args: QuantArgs) -> QuantizedWeight:
+    """Linear ``prefix``'s stored tensors, removed from ``state``, as a ``QuantizedWeight``."""
     if f"{prefix}.weight_packed" in state:
         shape = tuple(int(x) for x in state.pop(f"{prefix}.weight_shape").tolist())
         q = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), args.bits, shape)
@@ -283,4 +296,4 @@ def _decompress(state: dict[str, Tensor], prefix: str, args: QuantArgs) -> Tenso
             outliers = SparseOutliers.from_csr(csr["row_ptr"], csr["col"], csr["value"], tuple(q.shape))
         except ValueError as e:
             raise QtoolError(f"model: {prefix}: {e}; the checkpoint is damaged") from None
-    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args, outliers=outliers).dequantize(scale.dtype)
+    return QuantizedWeight(q=q, scale=scale, zero_point=zp, args=args, outliers=outliers)

@@ -34,8 +34,12 @@ def detect(config) -> bool:
     return str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")
 
 
-def load_packed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A dense model from a compressed-tensors checkpoint directory; eval mode, no gradients."""
+def load_packed(
+    path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, kernels: bool = False
+) -> torch.nn.Module:
+    """A model from a compressed-tensors checkpoint directory; eval mode, no gradients. Dense (every linear
+    decompressed), or with ``kernels`` every linear an integer kernel can hold stays packed and runs on it
+    (``qtool.models.kernels``; the others are decompressed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -53,15 +57,24 @@ def load_packed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = read_state(path)
     linear_types = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    decompress_linears(state, qc, linear_types, dtype)
+    keep = None
+    if kernels:
+        from qtool.models.kernels import kernel_for
+
+        keep = lambda name, qw: kernel_for(qw)[0] is not None  # noqa: E731
+    kept = decompress_linears(state, qc, linear_types, dtype, keep)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _tied(model, k)]
+    missing = [k for k in missing if not _tied(model, k) and k.removesuffix(".weight") not in kept]
     if missing or unexpected:
         raise QtoolError(
             f"model: {path} does not match its config (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); re-pack it with qtool quantize --from-stage pack"
         )
     model.tie_weights()
+    for name, qw in kept.items():  # before the online pieces, which hook whichever module holds the name
+        _swap(model, name, qw)
+    if kept:
+        log.info("model: %d quantized linears run on integer kernels", len(kept))
     model.eval().requires_grad_(False)
     if not read_online(model, path, online):
         for name in linear_types:  # a foreign checkpoint: simulate its dynamic input quantization
@@ -73,3 +86,14 @@ def load_packed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:
     return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _swap(model: torch.nn.Module, name: str, qw) -> None:
+    from qtool.models.kernels import kernel_for
+
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    bias = None if old.bias is None else old.bias.detach()
+    cls, _ = kernel_for(qw)
+    setattr(owner, child, cls.from_quantized(qw, bias))

@@ -1,0 +1,111 @@
+"""Linears that compute from packed integer weights on CPU, without a dense copy of the weight.
+
+- ``Int4Linear``: 4-bit weights (symmetric or asymmetric, groups or per channel) through PyTorch's CPU int4 kernel
+  (``aten._weight_int4pack_mm_for_cpu``): the weight as 4-bit codes ``u`` in its packed tile layout, per group a
+  bf16 scale ``d`` and offset ``m``, ``w = (u - 8) · d + m``; activations in bf16. qtool's codes ``q ∈ [-8, 7]``
+  (``w = (q - z) · d``, ``z = 0`` when symmetric) are ``u = q + 8`` with ``m = -z · d``. The kernel takes groups
+  of 32, 64, 128 or 256: a larger group (or one scale per row) is the same scale repeated over its pieces.
+- ``Int8Linear``: 8-bit symmetric per-channel weights through ``aten._weight_int8pack_mm`` (``w = q · s``).
+
+Both are weight-only (W4A16 / W8A16): the input stays in floating point. The scales are rounded to bf16 (int4) or to
+the activation dtype (int8), so outputs match the dense dequantized model to bf16 precision, not bit for bit;
+``kernel_for`` says which quantized weights a kernel can hold and why not, and everything else stays dense.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from qtool.algorithms.quantizer import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel takes
+_INNER_K_TILES = 2  # the packed layout's k tiling (k must be a multiple of 16 · this)
+
+
+def kernel_for(qw: QuantizedWeight) -> tuple[type[nn.Module] | None, str]:
+    """The kernel linear class that can hold ``qw`` exactly as stored (codes, scale per group), or ``None`` and the
+    reason it stays dense."""
+    args, (n, k) = qw.args, tuple(qw.q.shape)
+    if qw.outliers is not None:
+        return None, "16-bit outliers have no integer kernel"
+    if args.granularity not in ("group", "channel"):
+        return None, f"{args.granularity} scales have no integer kernel (groups or per channel only)"
+    if args.bits == 4:
+        if n % 16:
+            return None, f"int4 kernel: {n} output rows are not a multiple of 16"
+        if _int4_group(k if args.granularity == "channel" else args.group_size) is None or k % (16 * _INNER_K_TILES):
+            return None, f"int4 kernel: groups of {args.group_size or k} over {k} columns (needs 32-column pieces)"
+        return Int4Linear, ""
+    if args.bits == 8:
+        if args.granularity != "channel" or not args.symmetric:
+            return None, "int8 kernel: symmetric per-channel weights only"
+        return Int8Linear, ""
+    return None, f"{args.bits}-bit weights have no integer kernel"
+
+
+def _int4_group(g: int) -> int | None:
+    """The kernel group size that tiles groups of ``g`` columns (the largest supported divisor), or ``None``."""
+    return next((s for s in reversed(INT4_GROUPS) if g % s == 0), None)
+
+
+class Int4Linear(nn.Module):
+    def __init__(
+        self, packed: Tensor, scales_and_zeros: Tensor, group: int, shape: tuple[int, int], bias: Tensor | None
+    ):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.group = group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> Int4Linear:
+        n, k = qw.q.shape
+        g_stored = k if qw.args.granularity == "channel" else qw.args.group_size
+        group = _int4_group(g_stored)
+        codes = qw.q.to(torch.int32) + 8  # qtool's signed grid [-8, 7] -> the kernel's codes [0, 15]
+        scale = qw.scale.to(torch.float32).reshape(n, -1)
+        z = torch.zeros_like(scale) if qw.zero_point is None else qw.zero_point.to(torch.float32).reshape(n, -1)
+        offset = -z * scale  # (q - z) s = (u - 8) s - z s
+        repeat = g_stored // group
+        d = scale.repeat_interleave(repeat, dim=1)  # [n, k / group]
+        m = offset.repeat_interleave(repeat, dim=1)
+        sz = torch.stack([d.T, m.T], dim=-1).to(torch.bfloat16).contiguous()  # [k / group, n, 2]
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), _INNER_K_TILES)
+        return cls(packed, sz, group, (n, k), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros
+        )
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group={self.group}"
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> Int8Linear:
+        return cls(qw.q.to(torch.int8).contiguous(), qw.scale.reshape(-1).to(torch.float32), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(x2.dtype)).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
