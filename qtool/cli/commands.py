@@ -2,7 +2,7 @@
 
 import sys
 
-from qtool.cli import eval_cmd, generate_cmd, inspect_cmd, quantize_cmd, regress_cmd, sensitivity_cmd
+from qtool.cli import bench_cmd, eval_cmd, generate_cmd, inspect_cmd, quantize_cmd, regress_cmd, sensitivity_cmd
 from qtool.cli.app import app, err_console, one_line
 from qtool.errors import QtoolError
 
@@ -12,6 +12,7 @@ regress_cmd.register(app)
 inspect_cmd.register(app)
 sensitivity_cmd.register(app)
 generate_cmd.register(app)
+bench_cmd.register(app)
 
 
 def main() -> None:
