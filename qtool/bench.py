@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -150,8 +151,6 @@ def _child(runtime: str, model: str, threads: int, data_dir: str | None, setting
     job = json.dumps({"runtime": runtime, "model": model, "threads": threads, "data_dir": data_dir,
                       "settings": settings})  # fmt: skip
     env_threads = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    import os
-
     proc = subprocess.run(
         [sys.executable, "-m", "qtool.bench", job],
         capture_output=True,

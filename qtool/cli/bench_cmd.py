@@ -50,6 +50,8 @@ def bench(
         bad = ", ".join(unknown) or "(none)"
         raise QtoolError(f"--runtime: {bad} is not a runtime; choose from {', '.join(RUNTIMES)}")
     resolve_source(model)  # a missing model is one line, before any child process
+    if json_out is not None and not json_out.parent.is_dir():
+        raise QtoolError(f"--json: the directory {json_out.parent} does not exist; create it or write elsewhere")
     if baseline is None and not no_baseline:
         baseline = _run_source(Path(model))
     if baseline is not None and not no_baseline:

@@ -96,3 +96,5 @@ def test_bench_measures_each_runtime_in_its_own_process(packed, tmp_path):
     assert max(ppl) / min(ppl) < 1.01 and rows["baseline"]["ppl"] < min(ppl)
     res = CliRunner().invoke(app, ["bench", str(packed), "--runtime", "vllm"])
     assert isinstance(res.exception, QtoolError) and "--runtime" in str(res.exception)
+    res = CliRunner().invoke(app, ["bench", str(packed), "--json", str(tmp_path / "no" / "b.json")])
+    assert isinstance(res.exception, QtoolError) and "--json" in str(res.exception)
