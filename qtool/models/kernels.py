@@ -99,7 +99,10 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> Int8Linear:
-        return cls(qw.q.to(torch.int8).contiguous(), qw.scale.reshape(-1).to(torch.float32), bias)
+        # fresh (64-byte-aligned) copies: a tensor read by safetensors is only 8-byte aligned, and aten's int8
+        # weight kernel segfaults on such a weight
+        q = qw.q.to(torch.int8, copy=True).contiguous()
+        return cls(q, qw.scale.reshape(-1).to(torch.float32, copy=True), bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

@@ -94,7 +94,27 @@ def test_bench_measures_each_runtime_in_its_own_process(packed, tmp_path):
     # at 4,096 tokens); the FP baseline is better
     ppl = [rows[k]["ppl"] for k in ("transformers", "qtool", "qtool-dense")]
     assert max(ppl) / min(ppl) < 1.01 and rows["baseline"]["ppl"] < min(ppl)
-    res = CliRunner().invoke(app, ["bench", str(packed), "--runtime", "vllm"])
+    res = CliRunner().invoke(app, ["bench", str(packed), "--runtime", "tensorrt"])
     assert isinstance(res.exception, QtoolError) and "--runtime" in str(res.exception)
+    res = CliRunner().invoke(app, ["bench", str(packed), "--dtype", "float8"])
+    assert isinstance(res.exception, QtoolError) and "--dtype" in str(res.exception)
     res = CliRunner().invoke(app, ["bench", str(packed), "--json", str(tmp_path / "no" / "b.json")])
     assert isinstance(res.exception, QtoolError) and "--json" in str(res.exception)
+
+
+def test_bench_says_how_to_install_a_missing_runtime(packed, tmp_path, monkeypatch):
+    """A runtime that is not installed is one row naming the fix (vLLM and llama.cpp live in their own virtualenv and
+    build); the others still run."""
+    import json
+
+    monkeypatch.setenv("QTOOL_VLLM_PYTHON", str(tmp_path / "no-vllm" / "bin" / "python"))
+    monkeypatch.setenv("QTOOL_LLAMACPP_DIR", str(tmp_path / "no-llamacpp"))
+    out = tmp_path / "bench.json"
+    args = ["bench", str(packed), "--runtime", "vllm,llamacpp,qtool", "--no-baseline", "--prompt-tokens", "32",
+            "--new-tokens", "4", "--ppl-tokens", "512", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "make runtime-vllm" in rows["vllm"]["error"] and "no-vllm" in rows["vllm"]["error"]
+    assert "make runtime-llamacpp" in rows["llamacpp"]["error"] and "no-llamacpp" in rows["llamacpp"]["error"]
+    assert "error" not in rows["qtool"]

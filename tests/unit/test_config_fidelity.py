@@ -39,7 +39,14 @@ def test_gguf_source_gets_its_architecture_context_and_tokenizer_limits(tmp_path
     tokenizer = load_tokenizer(src)
     assert tokenizer.model_max_length > 1e29  # transformers' "no limit" sentinel for a GGUF tokenizer
     save_tokenizer(tokenizer, tmp_path, config.max_position_embeddings)
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 8192
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["model_max_length"] == 8192
+    # transformers 5's "TokenizersBackend" is a name transformers 4 (llama.cpp's converter) does not resolve
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)  # and transformers 5 reads it back as the same tokenizer
+    assert reloaded("Hello, world")["input_ids"] == tokenizer("Hello, world")["input_ids"]
     assert tokenizer.model_max_length > 1e29  # the tokenizer in use is left as it was
     assert "<|im_start|>" in (tmp_path / "chat_template.jinja").read_text()
 

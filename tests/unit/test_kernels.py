@@ -40,6 +40,20 @@ def test_symmetric_kernels_hold_the_weight_exactly(args):
     assert torch.equal(got, qw.dequantize(torch.bfloat16))  # exact: identity rows, one product each
 
 
+def test_int8_kernel_takes_a_weight_read_at_any_alignment():
+    """safetensors hands back tensors that are only 8-byte aligned; aten's int8 weight kernel segfaults on such a
+    weight (a W8A8 checkpoint crashed ``qtool bench``), so the kernel linear holds its own aligned copy."""
+    torch.manual_seed(0)
+    qw = rtn_quantize(torch.randn(48, 512), _args(bits=8, granularity="channel"), scale_dtype=torch.bfloat16)
+    buf = torch.empty(qw.q.numel() + 8, dtype=torch.int8)
+    q = buf[8:].view(qw.q.shape).copy_(qw.q)  # 8 bytes past torch's 64-byte-aligned allocation
+    assert q.data_ptr() % 64 == 8
+    m = Int8Linear.from_quantized(QuantizedWeight(q=q, scale=qw.scale, zero_point=None, args=qw.args))
+    assert m.q.data_ptr() % 64 == 0
+    got = m(torch.eye(512, dtype=torch.bfloat16)).T
+    assert torch.equal(got, qw.dequantize(torch.bfloat16))
+
+
 def test_asymmetric_int4_and_float32_scales_match_to_bf16_precision():
     """The kernel keeps scale and offset in bf16: with float32 scales or zero points the weight moves by a bf16
     rounding of the scale (measured max 0.0165 on |w| <= 4.3), and the outputs stay within 0.3% of float32."""

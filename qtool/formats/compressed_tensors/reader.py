@@ -57,24 +57,35 @@ def load_packed(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = read_state(path)
     linear_types = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    keep = None
-    if kernels:
+    on_kernels: dict[str, torch.nn.Module] = {}
+
+    def take(name: str, qw) -> bool:  # converted as it is read: one linear's unpacked integers in memory at a time
         from qtool.models.kernels import kernel_for
 
-        keep = lambda name, qw: kernel_for(qw)[0] is not None  # noqa: E731
-    kept = decompress_linears(state, qc, linear_types, dtype, keep)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _tied(model, k) and k.removesuffix(".weight") not in kept]
+        cls, _ = kernel_for(qw)
+        if cls is not None:
+            on_kernels[name] = cls.from_quantized(qw)
+        return cls is not None
+
+    decompress_linears(state, qc, linear_types, dtype, take if kernels else None)
+    # assign: the loaded tensors become the parameters (the dense linears the kernels replace are never touched).
+    # Each is copied once, one at a time, into torch's own 64-byte-aligned memory: safetensors' buffers are only
+    # 8-byte aligned, and some CPU kernels assume more (aten's int8 weight kernel segfaults on them)
+    for k in list(state):
+        state[k] = state[k].to(dtype, copy=True) if state[k].is_floating_point() else state[k].clone()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    missing = [k for k in missing if not _tied(model, k) and k.removesuffix(".weight") not in on_kernels]
     if missing or unexpected:
         raise QtoolError(
             f"model: {path} does not match its config (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); re-pack it with qtool quantize --from-stage pack"
         )
     model.tie_weights()
-    for name, qw in kept.items():  # before the online pieces, which hook whichever module holds the name
-        _swap(model, name, qw)
-    if kept:
-        log.info("model: %d quantized linears run on integer kernels", len(kept))
+    for name, module in on_kernels.items():  # before the online pieces, which hook whichever module holds the name
+        _swap(model, name, module)
+    if on_kernels:
+        log.info("model: %d quantized linears run on integer kernels", len(on_kernels))
     model.eval().requires_grad_(False)
     if not read_online(model, path, online):
         for name in linear_types:  # a foreign checkpoint: simulate its dynamic input quantization
@@ -88,12 +99,11 @@ def _tied(model: torch.nn.Module, key: str) -> bool:
     return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
 
 
-def _swap(model: torch.nn.Module, name: str, qw) -> None:
-    from qtool.models.kernels import kernel_for
-
+def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put kernel ``module`` in place of linear ``name``, with the bias the checkpoint loaded into the linear."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, child)
-    bias = None if old.bias is None else old.bias.detach()
-    cls, _ = kernel_for(qw)
-    setattr(owner, child, cls.from_quantized(qw, bias))
+    if old.bias is not None:
+        module.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)
+    setattr(owner, child, module)
