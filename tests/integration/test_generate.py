@@ -118,3 +118,46 @@ def test_bench_says_how_to_install_a_missing_runtime(packed, tmp_path, monkeypat
     assert "make runtime-vllm" in rows["vllm"]["error"] and "no-vllm" in rows["vllm"]["error"]
     assert "make runtime-llamacpp" in rows["llamacpp"]["error"] and "no-llamacpp" in rows["llamacpp"]["error"]
     assert "error" not in rows["qtool"]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "transform", "bound"),
+    [
+        # measured on an AMD EPYC (AVX-512 VNNI): integer products 1.6e-7 from float64, float32 simulation 4.4e-3
+        ("W8A8", {"method": "none"}, 1e-5),
+        # QuaRot: R1/R2 fused, R3 (queries/keys) and R4 (down_proj input) online; int4 KV cache. The float32 and
+        # integer runs share the float32 Hadamards and KV quantization, whose rounding flips codes against float64:
+        # measured 6.6238e-3 (integer) and 6.6238e-3 (float32 simulation)
+        ("W4A4KV4", {"method": "hadamard", "rotations": ["r1", "r2", "r3", "r4"], "random": True, "seed": 0}, 0.02),
+    ],
+    ids=["w8a8", "w4a4kv4-quarot"],
+)
+def test_integer_activations_run_as_integer_products_at_least_as_exact_as_float32(scheme, transform, bound, tmp_path):
+    """A W8A8 or W4A4 checkpoint (per-channel int weights, dynamic per-token int inputs) on the kernels runs integer
+    products (``torch._int_mm`` on codes held in int8) instead of fake-quantizing the inputs; online rotations stay
+    in front. In float32 its logits are as close to the float64 simulation as the float32 simulation's, or closer
+    (exact integer sums; the simulation's float32 rounding flips activation codes)."""
+    from qtool.models.kernels import Int8Linear, int_mm_is_exact
+    from qtool.pipeline import Pipeline
+    from qtool.recipe import load_recipe
+    from tests.conftest import STORIES, TINYSTORIES
+
+    require(STORIES, TINYSTORIES)
+    recipe = write_recipe(tmp_path / "r.yaml", base=STORIES_RECIPE, calibration={
+        "dataset": str(TINYSTORIES), "span": [0.5, 1.0], "n_samples": 8, "seqlen": 256},
+        scheme={"preset": scheme}, transform=transform, quantize={"method": "rtn"})  # fmt: skip
+    Pipeline(load_recipe(recipe), tmp_path / "run", until_stage="pack").run()
+    src = resolve_source(str(tmp_path / "run"))
+    kernel, tok = load_model(src, "float32", kernels=True)
+    int8 = [m for m in kernel.modules() if isinstance(m, Int8Linear)]
+    if not int_mm_is_exact():  # oneDNN without VNNI saturates: no integer-activation path
+        assert all(m.act is None for m in int8)
+        pytest.skip("torch._int_mm is not exact on this CPU (no VNNI)")
+    assert len(int8) == 35 and all(m.act is not None and m.qtool_input.quant is None for m in int8)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        exact = load_model(src, "float64")[0](ids).logits
+        sim32 = load_model(src, "float32")[0](ids).logits.double()
+        got = kernel(ids).logits.double()
+    err = {name: float((x - exact).norm() / exact.norm()) for name, x in (("int", got), ("sim32", sim32))}
+    assert err["int"] < bound and err["int"] <= err["sim32"] + 1e-6, err

@@ -62,7 +62,7 @@ def load_packed(
     def take(name: str, qw) -> bool:  # converted as it is read: one linear's unpacked integers in memory at a time
         from qtool.models.kernels import kernel_for
 
-        cls, _ = kernel_for(qw)
+        cls, _ = kernel_for(qw, input_quant_of(name, linear_types, qc))
         if cls is not None:
             on_kernels[name] = cls.from_quantized(qw)
         return cls is not None
@@ -92,6 +92,11 @@ def load_packed(
             quant = input_quant_of(name, linear_types, qc)
             if quant is not None:
                 input_hook(model.get_submodule(name)).quant = quant
+    for module in on_kernels.values():  # W8A8: int8 x int8 products instead of fake-quantized inputs
+        hook = getattr(module, "qtool_input", None)
+        if hook is not None and hook.quant is not None and hasattr(module, "take_input_quant"):
+            if hook.learned_clip is None and module.take_input_quant(hook.quant):
+                hook.quant = None
     return model
 
 
