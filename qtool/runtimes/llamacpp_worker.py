@@ -13,11 +13,11 @@ cache on), peak RSS. The KV cache is llama.cpp's default f16, or f32 where the j
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
-import sys
 import time
+
+from worker_io import serve, timed
 
 
 def main(job: dict) -> dict:
@@ -67,7 +67,7 @@ def main(job: dict) -> dict:
 
     llm.reset()
     llm.eval(job["decode_ids"])  # warm-up
-    prefill_s = [_timed(prefill) for _ in range(job["repeats"])]
+    prefill_s = [timed(prefill) for _ in range(job["repeats"])]
     decode_tok_s = [decode() for _ in range(job["repeats"])]
     import llama_cpp
 
@@ -83,13 +83,5 @@ def main(job: dict) -> dict:
     }
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        row = main(json.load(f))
-    print(json.dumps(row))
+    serve(main)

@@ -14,12 +14,12 @@ its children. Prefix caching is off, so each repeat prefills again.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import statistics
-import sys
 import time
+
+from worker_io import serve, timed
 
 
 def main(job: dict) -> dict:
@@ -54,9 +54,9 @@ def main(job: dict) -> dict:
     llm.generate([short], one, use_tqdm=False)  # warm-up
     prefill, decode = [], []
     for _ in range(job["repeats"]):
-        prefill.append(_timed(lambda: llm.generate([prompt], one, use_tqdm=False)))
-        first = _timed(lambda: llm.generate([short], one, use_tqdm=False))
-        full = _timed(lambda: llm.generate([short], many, use_tqdm=False))
+        prefill.append(timed(lambda: llm.generate([prompt], one, use_tqdm=False)))
+        first = timed(lambda: llm.generate([short], one, use_tqdm=False))
+        full = timed(lambda: llm.generate([short], many, use_tqdm=False))
         decode.append((job["new_tokens"] - 1) / max(full - first, 1e-9))
     rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     import vllm
@@ -72,13 +72,5 @@ def main(job: dict) -> dict:
     }
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        row = main(json.load(f))
-    print(json.dumps(row))
+    serve(main)
