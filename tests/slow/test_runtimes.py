@@ -36,8 +36,10 @@ pytestmark = pytest.mark.slow
         # W4A16 sym g64: both bf16, the same integers; measured 2026-12-07 (AMD EPYC, AWQ asym W4 g64):
         # vLLM 35.1829 vs qtool 35.1948 over 2,048 tokens, 3.4e-4 relative
         ("w4a16-rtn", [], 1e-3),
-        # W8A8 per-token dynamic int8 activations, run as int8 matmuls by vLLM and simulated by qtool
-        ("w8a8-smoothquant", ["quantize={method: rtn}"], 1e-3),
+        # W8A8 per-token dynamic int8 activations, int8 GEMMs in vLLM: code flips at rounding boundaries make the
+        # ppl move with any float rounding (qtool's own paths spread by 0.3% on SmolLM2, docs/runtimes.md);
+        # measured 2026-12-07 over 2,048 tokens: vLLM 31.329 vs qtool's simulation in bf16 31.166 (5.2e-3)
+        ("w8a8-smoothquant", ["quantize={method: rtn}"], 1e-2),
     ],
 )
 def test_vllm_reproduces_qtool_perplexity(recipe, overrides, tolerance, tmp_path):
