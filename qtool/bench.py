@@ -218,13 +218,15 @@ def _job(src: Any, data_dir: str | None, settings: dict[str, Any]) -> dict[str, 
     from qtool.loading import load_tokenizer
 
     ids = eval_ids(load_tokenizer(src), data_dir, settings)
-    seqlen = settings["ppl_seqlen"]
+    seqlen, decode_prompt = settings["ppl_seqlen"], 16
     return {
         "ppl_windows": [ids[w * seqlen : (w + 1) * seqlen].tolist() for w in range(settings["ppl_tokens"] // seqlen)],
         "prompt_ids": ids[: settings["prompt_tokens"]].tolist(),
-        "decode_ids": ids[:16].tolist(),
+        "decode_ids": ids[:decode_prompt].tolist(),
         "new_tokens": settings["new_tokens"],
         "repeats": settings["repeats"],
+        # the longest sequence the worker runs, plus one: its context (vLLM's max_model_len, llama.cpp's n_ctx)
+        "context": max(settings["prompt_tokens"], seqlen, decode_prompt + settings["new_tokens"]) + 1,
     }
 
 

@@ -36,9 +36,7 @@ def fake_quantize_dynamic(x: Tensor, args: QuantArgs, clip: Tensor | None = None
     v = grouped(x.to(work), args)
     ratio = args.clip_ratio if clip is None else clip.to(work)
     if args.symmetric:
-        absmax = v.abs().amax(dim=-1, keepdim=True) * ratio
-        scale = (absmax / args.qmax).clamp_min(torch.finfo(work).tiny)
-        q = _round(v / scale).clamp(args.qmin, args.qmax)
+        q, scale = symmetric_codes(v, args, ratio)
         out = q * scale
     else:
         lo = v.amin(dim=-1, keepdim=True).clamp(max=0.0) * ratio
@@ -48,6 +46,14 @@ def fake_quantize_dynamic(x: Tensor, args: QuantArgs, clip: Tensor | None = None
         q = (_round(v / scale) + zp).clamp(args.qmin, args.qmax)
         out = (q - zp) * scale
     return out.reshape(shape).to(x.dtype)
+
+
+def symmetric_codes(v: Tensor, args: QuantArgs, ratio: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``v``'s symmetric codes (float, integer-valued) and scales, one scale per row of the last dimension:
+    ``absmax · ratio / qmax``. What ``fake_quantize_dynamic`` dequantizes and qtool's integer kernels multiply."""
+    absmax = v.abs().amax(dim=-1, keepdim=True) * ratio
+    scale = (absmax / args.qmax).clamp_min(torch.finfo(v.dtype).tiny)
+    return _round(v / scale).clamp(args.qmin, args.qmax), scale
 
 
 def grouped(x: Tensor, args: QuantArgs) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qtool.algorithms.actquant import symmetric_codes
 from qtool.algorithms.quantizer import QuantizedWeight
 from qtool.schemes import QuantArgs
 
@@ -161,12 +162,9 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _int8_int8(self, x: Tensor) -> Tensor:
-        """Per-token ``absmax · clip_ratio / qmax`` scales and rounding in float32, as ``fake_quantize_dynamic``."""
-        work = x.to(torch.float32)
-        absmax = work.abs().amax(dim=-1, keepdim=True) * self.act.clip_ratio
-        scale = (absmax / self.act.qmax).clamp_min(torch.finfo(torch.float32).tiny)
-        xq = torch.round(work / scale).clamp(self.act.qmin, self.act.qmax).to(torch.int8)
-        acc = torch._int_mm(xq, self.q.T)  # [rows, out] int32
+        """The input's per-token codes and scales in float32, exactly as ``fake_quantize_dynamic`` computes them."""
+        xq, scale = symmetric_codes(x.to(torch.float32), self.act, self.act.clip_ratio)
+        acc = torch._int_mm(xq.to(torch.int8), self.q.T)  # [rows, out] int32
         return (acc.to(torch.float32) * scale * self.scale).to(x.dtype)
 
     def extra_repr(self) -> str:

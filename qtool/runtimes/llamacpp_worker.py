@@ -25,13 +25,12 @@ def main(job: dict) -> dict:
     from llama_cpp import Llama
 
     windows: list[list[int]] = job["ppl_windows"]
-    longest = max(len(job["prompt_ids"]), max(len(w) for w in windows), len(job["decode_ids"]) + job["new_tokens"])
     start = time.perf_counter()
     llm = Llama(
         model_path=job["gguf"],
-        n_ctx=longest + 1,
-        n_batch=longest + 1,
-        n_ubatch=longest + 1,
+        n_ctx=job["context"],
+        n_batch=job["context"],
+        n_ubatch=job["context"],
         n_threads=job["threads"],
         n_threads_batch=job["threads"],
         logits_all=True,

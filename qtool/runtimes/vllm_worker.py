@@ -27,12 +27,11 @@ def main(job: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     windows: list[list[int]] = job["ppl_windows"]
-    longest = max(len(job["prompt_ids"]), max(len(w) for w in windows), len(job["decode_ids"]) + job["new_tokens"])
     start = time.perf_counter()
     llm = LLM(
         model=job["model"],
         dtype=job.get("dtype", "bfloat16"),
-        max_model_len=longest + 1,
+        max_model_len=job["context"],
         enforce_eager=True,
         enable_prefix_caching=False,
         seed=0,

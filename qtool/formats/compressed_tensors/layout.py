@@ -203,24 +203,20 @@ def decompress_linears(
     linear_types: dict[str, str],
     dtype: torch.dtype,
     take: Callable[[str, QuantizedWeight], bool] | None = None,
-) -> set[str]:
+) -> None:
     """Replace, in ``state``, every quantized linear's stored tensors by its dense ``weight`` in ``dtype`` — except
     those that ``take(name, quantized_weight)`` takes (returns true for: an integer kernel holding it), which are
-    only removed from ``state``. Returns the names taken. One linear at a time: a caller that converts what it
+    only removed from ``state``. One linear at a time: a caller that converts what it
     takes holds one linear's unpacked integers at once, never the whole model's.
 
     ``qc``: the checkpoint's ``quantization_config``; ``linear_types``: module name -> class name of every linear of
     the model (config targets may name a class, e.g. ``Linear``). Decompression is compressed-tensors' own
     arithmetic (``QuantizedWeight.dequantize`` in the scale dtype), so the weights are bit-identical to its."""
-    taken = set()
     for prefix in sorted(k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")):
         args = _weight_args(group_for(prefix, linear_types, qc)["weights"])
         qw = _quantized(state, prefix, args)
-        if take is not None and take(prefix, qw):
-            taken.add(prefix)
-        else:
+        if take is None or not take(prefix, qw):
             state[f"{prefix}.weight"] = qw.dequantize(qw.scale.dtype).to(dtype)
-    return taken
 
 
 def input_quant_of(name: str, linear_types: dict[str, str], qc: dict[str, Any]) -> QuantArgs | None:
