@@ -27,6 +27,8 @@ from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CHANNEL = ["scheme.weights.granularity=channel", "scheme.weights.group_size=null"]
+W6A6 = ["scheme.weights.bits=6", "scheme.input_activations.bits=6"]
+W6A6_DYNAMIC = ["scheme.input_overrides={'re:.*(o_proj|down_proj)': {bits: 6, granularity: token, dynamic: true}}"]
 # label -> (recipe, recipe overrides)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a16-rtn": ("recipes/w4a16-rtn.yaml", []),
@@ -41,6 +43,35 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-hadamard-gptq": ("recipes/w4a4-quarot.yaml", []),
     "w8a8-smoothquant-gptq": ("recipes/w8a8-smoothquant.yaml", []),
     "w8a8-smoothquant-rtn": ("recipes/w8a8-smoothquant.yaml", ["quantize={method: rtn}", "outliers.method=none"]),
+    # static per-tensor input scales (issue 17): all linears, and static q/k/v/gate/up with dynamic o/down
+    "w8a8-static-smoothquant-gptq": ("recipes/w8a8-smoothquant-static.yaml", []),
+    "w8a8-static-smoothquant-rtn": (
+        "recipes/w8a8-smoothquant-static.yaml",
+        ["quantize={method: rtn}", "outliers.method=none"],
+    ),
+    "w8a8-static-qkv-gateup-smoothquant-rtn": (
+        "recipes/w8a8-smoothquant-static.yaml",
+        [
+            "quantize={method: rtn}",
+            "outliers.method=none",
+            "scheme.input_overrides={'re:.*(o_proj|down_proj)': {bits: 8, granularity: token, dynamic: true}}",
+        ],
+    ),
+    # OutlierTune (issue 17) against SmoothQuant, static scales; W6A6: weights, static and dynamic inputs at 6 bits
+    "w8a8-outliertune-rtn": ("recipes/w8a8-outliertune.yaml", []),
+    "w6a6-outliertune-rtn": ("recipes/w8a8-outliertune.yaml", [*W6A6, *W6A6_DYNAMIC]),
+    "w6a6-outliertune-nosym-rtn": (
+        "recipes/w8a8-outliertune.yaml",
+        [*W6A6, *W6A6_DYNAMIC, "transform.symmetrize=false"],
+    ),
+    "w6a6-static-qkv-gateup-smoothquant-rtn": (
+        "recipes/w8a8-smoothquant-static.yaml",
+        ["quantize={method: rtn}", "outliers.method=none", *W6A6, *W6A6_DYNAMIC],
+    ),
+    "w6a6-static-smoothquant-rtn": (
+        "recipes/w8a8-smoothquant-static.yaml",
+        ["quantize={method: rtn}", "outliers.method=none", *W6A6],
+    ),
     # the recipe's student keeps FP weights for GPTQ; with RTN weights the student trains against RTN
     "w4a4kv4-ostquant-rtn": (
         "recipes/w4a4-ostquant.yaml",

@@ -20,6 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 Granularity = Literal["tensor", "channel", "group", "block", "token", "head"]
 
 
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """A scheme's name patterns: ``re:<regex>`` full-matches; a plain pattern matches the name or a
+    ``.``-separated suffix of it."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
     """Signed integer range ``(qmin, qmax)`` for ``bits``; the same for symmetric and asymmetric grids."""
     del symmetric  # both use the signed grid; asymmetric shifts it with an integer zero point
@@ -43,7 +55,11 @@ class QuantArgs(BaseModel):
     - ``"head"``: KV cache only, one scale per token and attention head (QuaRot's KV grouping; the same as
       ``"group"`` with ``group_size = head_dim``).
     - ``observer``: ``minmax`` takes the range as is (times ``clip_ratio``); ``mse`` searches shrink factors of the
-      range and keeps the one with the lowest reconstruction error (per scale group).
+      range and keeps the one with the lowest reconstruction error (per scale group); ``percentile`` (static
+      activations only) takes the ``percentile``-th percentile of ``|x|`` (asymmetric: of ``x`` at both ends) over
+      the calibration sample instead of the extreme.
+    - Static activations (``dynamic: false``, ``tensor`` or ``channel``: one scale per input feature) are calibrated
+      once by the quantize stage (``qtool.algorithms.actquant.static_params``) and applied as fixed scales.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,17 +69,19 @@ class QuantArgs(BaseModel):
     granularity: Granularity = "group"
     group_size: int | None = Field(default=None, gt=0)
     dynamic: bool = False
-    observer: Literal["minmax", "mse"] = "minmax"
+    observer: Literal["minmax", "mse", "percentile"] = "minmax"
     clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     block_structure: tuple[int, int] | None = None
+    percentile: float | None = Field(default=None, gt=50.0, le=100.0)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        """``block_structure`` only where set: the dump of every other grid (recipe fingerprints, layer checkpoints)
-        reads as before the field existed."""
+        """``block_structure`` and ``percentile`` only where set: the dump of every other grid (recipe fingerprints,
+        layer checkpoints) reads as before the fields existed."""
         out = handler(self)
-        if self.block_structure is None:
-            out.pop("block_structure", None)
+        for key in ("block_structure", "percentile"):
+            if getattr(self, key) is None:
+                out.pop(key, None)
         return out
 
     @model_validator(mode="after")
@@ -78,6 +96,10 @@ class QuantArgs(BaseModel):
             raise ValueError(f"group_size is only meaningful with granularity 'group', not '{self.granularity}'")
         if self.granularity in ("token", "head") and not self.dynamic:
             raise ValueError(f"granularity '{self.granularity}' is computed per batch: set dynamic: true")
+        if (self.observer == "percentile") != (self.percentile is not None):
+            raise ValueError("observer 'percentile' and percentile (e.g. 99.99) go together")
+        if self.observer == "percentile" and self.dynamic:
+            raise ValueError("observer 'percentile' calibrates static scales: set dynamic: false")
         return self
 
     @property
@@ -90,6 +112,11 @@ class QuantArgs(BaseModel):
             rows, cols = self.block_structure
             return f"output g{rows}" if cols == 1 else f"block {rows}x{cols}"
         return self.granularity
+
+    @property
+    def static(self) -> bool:
+        """A calibrated, fixed activation scale (``dynamic: false``)."""
+        return not self.dynamic
 
     @property
     def qmin(self) -> int:
@@ -112,15 +139,20 @@ class Scheme(BaseModel):
     (stories260K's down_proj has 172): ``error`` (default: validation names the layer and a size that works),
     ``channel`` (that linear gets per-channel scales) or ``ignore`` (it stays unquantized).
 
-    ``input_activations`` (optional) quantizes the input of every targeted linear on the fly (``dynamic: true``,
-    granularity ``token``, ``group`` or ``tensor``); ``kv_cache`` (optional) quantizes keys (after RoPE and any
-    online rotation) and values per token, per head (``head``) or per ``group_size`` features within a head.
+    ``input_activations`` (optional) quantizes the input of every targeted linear: on the fly (``dynamic: true``,
+    granularity ``token``, ``group`` or ``tensor``) or with static scales the quantize stage calibrates
+    (``dynamic: false``, granularity ``tensor`` or ``channel``: one scale per input feature). ``input_overrides``
+    maps linear-name patterns (as ``targets``) to another input quantizer for the targeted linears they match, the
+    first match winning (e.g. static q/k/v/gate/up, dynamic per-token o/down); linears that read one input (q/k/v,
+    gate/up) must get the same one. ``kv_cache`` (optional) quantizes keys (after RoPE and any online rotation) and
+    values per token, per head (``head``) or per ``group_size`` features within a head.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: QuantArgs
     input_activations: QuantArgs | None = None
+    input_overrides: dict[str, QuantArgs] = Field(default_factory=dict)
     kv_cache: QuantArgs | None = None
     targets: tuple[str, ...] = Field(
         ("re:.*",), description="linears to quantize among the decoder layers' (default: every one of them)"
@@ -144,6 +176,8 @@ class Scheme(BaseModel):
     def _static_weights(cls, w: QuantArgs) -> QuantArgs:
         if w.dynamic or w.granularity in ("token", "head"):
             raise ValueError("use granularity tensor, channel or group with dynamic: false")
+        if w.observer == "percentile":
+            raise ValueError("observer 'percentile' is for static activations; weights use minmax or mse")
         if w.granularity == "block":
             raise ValueError(
                 "granularity block (groups along the output dimension) is chosen per linear by "
@@ -151,14 +185,47 @@ class Scheme(BaseModel):
             )
         return w
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """``input_overrides`` only where set: recipes without them fingerprint as before the field existed."""
+        out = handler(self)
+        if not self.input_overrides:
+            out.pop("input_overrides", None)
+        return out
+
     @field_validator("input_activations")
     @classmethod
-    def _dynamic_activations(cls, a: QuantArgs | None) -> QuantArgs | None:
-        if a is not None and (not a.dynamic or a.granularity not in ("token", "group", "tensor")):
-            raise ValueError(
-                "qtool quantizes activations on the fly: set dynamic: true with granularity token, group or tensor"
-            )
+    def _activations(cls, a: QuantArgs | None) -> QuantArgs | None:
+        if a is not None:
+            _check_activation_args(a)
         return a
+
+    @field_validator("input_overrides")
+    @classmethod
+    def _overrides(cls, overrides: dict[str, QuantArgs]) -> dict[str, QuantArgs]:
+        cls._patterns_compile(tuple(overrides))
+        for a in overrides.values():
+            _check_activation_args(a)
+        return overrides
+
+    @model_validator(mode="after")
+    def _overrides_need_activations(self) -> Scheme:
+        if self.input_overrides and self.input_activations is None:
+            raise ValueError("input_overrides changes input_activations for some linears: set input_activations too")
+        return self
+
+    def input_args_for(self, full_name: str) -> QuantArgs | None:
+        """The input quantizer of targeted linear ``full_name``: the first matching ``input_overrides`` entry, else
+        ``input_activations``."""
+        for pattern, args in self.input_overrides.items():
+            if matches(full_name, (pattern,)):
+                return args
+        return self.input_activations
+
+    @property
+    def static_activations(self) -> bool:
+        """Whether any linear's inputs get calibrated static scales."""
+        return any(a is not None and a.static for a in (self.input_activations, *self.input_overrides.values()))
 
     @field_validator("kv_cache")
     @classmethod
@@ -172,6 +239,18 @@ class Scheme(BaseModel):
         a = self.input_activations.bits if self.input_activations else 16
         kv = f"KV{self.kv_cache.bits}" if self.kv_cache else ""
         return f"W{self.weights.bits}A{a}{kv}"
+
+
+def _check_activation_args(a: QuantArgs) -> None:
+    if a.dynamic and a.granularity not in ("token", "group", "tensor"):
+        raise ValueError("dynamic activations: use granularity token, group or tensor")
+    if not a.dynamic and a.granularity not in ("tensor", "channel"):
+        raise ValueError(
+            "static activations (dynamic: false) have one calibrated scale per tensor or per input channel: use "
+            "granularity tensor or channel, or set dynamic: true"
+        )
+    if a.dynamic and a.observer != "minmax":
+        raise ValueError(f"observer '{a.observer}' calibrates static scales; dynamic activations use minmax")
 
 
 def _w(bits: int, group_size: int | None = 128) -> QuantArgs:

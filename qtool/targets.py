@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from qtool.arch import ArchSpec
 from qtool.errors import QtoolError
-from qtool.schemes import QuantArgs, Scheme
+from qtool.schemes import QuantArgs, Scheme, matches
+
+__all__ = ["Target", "matches", "plan_targets", "suggest_group_size"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """One linear to quantize. ``name`` is relative to its decoder layer (``mlp.down_proj``)."""
+    """One linear to quantize. ``name`` is relative to its decoder layer (``mlp.down_proj``); ``args`` quantize its
+    weight, ``input_args`` (``None``: none) its input."""
 
     layer: int
     name: str
     in_features: int
     args: QuantArgs
+    input_args: QuantArgs | None = None
 
     def full_name(self, spec: ArchSpec) -> str:
         return f"{spec.layers}.{self.layer}.{self.name}"
-
-
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """``re:<regex>`` full-matches; a plain pattern matches the name or a ``.``-separated suffix of it."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
 
 
 def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[list[Target]]:
@@ -50,7 +42,8 @@ def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[
             linear = layer.get_submodule(rel)
             args = _fit_args(scheme, full, linear.in_features)
             if args is not None:
-                row.append(Target(i, rel, linear.in_features, args))
+                row.append(Target(i, rel, linear.in_features, args, scheme.input_args_for(full)))
+        _check_shared_inputs(spec, row)
         plan.append(row)
     if not any(plan):
         raise QtoolError(
@@ -61,16 +54,30 @@ def plan_targets(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> list[
 
 
 def _check_patterns(layers: nn.ModuleList, spec: ArchSpec, scheme: Scheme) -> None:
-    """Every ``targets``/``ignore`` pattern must name at least one linear of the decoder layers: a misspelt
-    ``ignore`` entry would otherwise quantize what the user meant to keep."""
+    """Every ``targets``/``ignore``/``input_overrides`` pattern must name at least one linear of the decoder layers:
+    a misspelt ``ignore`` entry would otherwise quantize what the user meant to keep."""
     names = [f"{spec.layers}.{i}.{rel}" for i in range(len(layers)) for rel in spec.layer_linears]
-    for field in ("targets", "ignore"):
+    for field in ("targets", "ignore", "input_overrides"):
         for pattern in getattr(scheme, field):
             if not any(matches(name, (pattern,)) for name in names):
                 raise QtoolError(
                     f"scheme.{field}: {pattern!r} matches no linear of the decoder layers; use names such as "
                     f"{', '.join(n.rsplit('.', 1)[-1] for n in spec.layer_linears)} or a full path like {names[0]}"
                 )
+
+
+def _check_shared_inputs(spec: ArchSpec, row: list[Target]) -> None:
+    """Linears that read one tensor (q/k/v, gate/up) quantize it one way: one static scale serves them all, and
+    runtimes that fuse them (vLLM's qkv_proj) take one input quantizer."""
+    seen: dict[str, Target] = {}
+    for t in row:
+        edge = next((e.name for e in spec.edges if t.name in spec.linears(e)), t.name)
+        first = seen.setdefault(edge, t)
+        if first.input_args != t.input_args:
+            raise QtoolError(
+                f"scheme.input_overrides: layer {t.layer} {first.name} and {t.name} read the same input but get "
+                "different input quantizers; give them the same entry"
+            )
 
 
 def _fit_args(scheme: Scheme, full: str, in_features: int) -> QuantArgs | None:

@@ -224,3 +224,16 @@ def kill_after_first_layer_and_resume(recipe: Path, run_dir: Path) -> dict:
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     return json.loads((run_dir / "04-quantize" / "manifest.json").read_text())
+
+
+def killed_run_packs_the_same(recipe: Path, reference: Path, run_dir: Path, names=("model.safetensors",)) -> None:
+    """``kill_after_first_layer_and_resume`` into ``run_dir``: at least one layer is resumed from its checkpoint and
+    the packed files ``names`` equal those of the uninterrupted run at ``reference``, byte for byte."""
+    import hashlib
+
+    manifest = kill_after_first_layer_and_resume(recipe, run_dir)
+    assert manifest["summary"]["resumed_layers"] >= 1
+    for name in names:
+        digest = [hashlib.sha256((d / "05-pack" / "model" / name).read_bytes()).hexdigest() for d in (run_dir,
+                  reference)]  # fmt: skip
+        assert digest[0] == digest[1], name

@@ -1,4 +1,4 @@
-"""Dynamic (on-the-fly) fake quantization of activations and of the KV cache.
+"""Fake quantization of activations and of the KV cache: dynamic (on the fly) and static (calibrated scales).
 
 Activations are quantized per token: the last dimension of ``x: [..., features]`` holds one token's features.
 
@@ -16,11 +16,21 @@ requires grad, rounding uses the straight-through estimator (the gradient of qua
 inside the clipping range), which is what learned transforms train through. A ``clip`` tensor replaces
 ``args.clip_ratio`` and receives the gradient through the scale (learned clipping, LSQ-style:
 ``d out / d scale`` is ``q - x / scale`` inside the grid and ``q`` where clamped).
+
+Static activation quantization uses fixed parameters (``StaticScale``) calibrated once from what a linear reads on
+the calibration windows (``static_params``): one scale per tensor or per input feature, on the same grid and scale
+convention as the dynamic quantizers (symmetric ``absmax / qmax``; asymmetric ``(max - min) / (qmax - qmin)`` with
+an integer zero point). Observers: ``minmax`` (the extremes over every calibration token, times ``clip_ratio``),
+``percentile`` (that percentile of ``|x|``, or of ``x`` at both ends when asymmetric, over a token sample) and
+``mse`` (the range shrunk by ``1 - i / 100``, ``i < 80``, with the lowest squared error on the sample; ``i = 0``,
+minmax, wins ties, so it never does worse than minmax on the sample).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -123,3 +133,95 @@ class _SymmetricSTE(torch.autograd.Function):
         share = grad_s * (clip / qmax) / peak.sum(dim=-1, keepdim=True)
         grad_v = torch.where(inside, g, 0.0) + torch.where(peak, v.sign() * share, 0.0)
         return grad_v, None, None, None
+
+
+@dataclass
+class StaticScale:
+    """A static input quantizer's calibrated parameters: ``scale`` float32 ``[1]`` (tensor) or ``[in]`` (channel)
+    and, for asymmetric grids, the integer-valued ``zero_point`` (int8, same shape)."""
+
+    scale: Tensor
+    zero_point: Tensor | None = None
+
+
+def fake_quantize_static(x: Tensor, args: QuantArgs, p: StaticScale) -> Tensor:
+    """Quantize-dequantize ``x: [..., features]`` with fixed scale (and zero point) ``p``, broadcast over the last
+    dimension; float32 arithmetic (float64 for float64 ``x``), result in ``x``'s dtype."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = x.to(work)
+    s = p.scale.to(device=x.device, dtype=work)
+    if p.zero_point is None:
+        out = _round(v / s).clamp(args.qmin, args.qmax) * s
+    else:
+        z = p.zero_point.to(device=x.device, dtype=work)
+        out = ((_round(v / s) + z).clamp(args.qmin, args.qmax) - z) * s
+    return out.to(x.dtype)
+
+
+# the mse observer's candidate ranges: 1 - i / STATIC_MSE_GRID for i < STATIC_MSE_MAXSHRINK * STATIC_MSE_GRID
+STATIC_MSE_GRID = 100
+STATIC_MSE_MAXSHRINK = 0.8
+
+
+def static_params(lo: Tensor, hi: Tensor, args: QuantArgs, sample: Tensor | None = None) -> StaticScale:
+    """Calibrate a static quantizer. ``lo``/``hi``: per-feature minimum and maximum over every calibration token
+    (``[in]``); ``sample``: ``[tokens, in]`` calibration inputs for the ``percentile`` and ``mse`` observers."""
+    if args.dynamic or args.granularity not in ("tensor", "channel"):
+        raise ValueError(f"static_params calibrates static tensor/channel scales, not {args.granularity}")
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    rows = None
+    if args.observer != "minmax":
+        if sample is None or sample.numel() == 0:
+            raise ValueError(f"observer '{args.observer}' needs a sample of calibration inputs")
+        rows = sample.to(torch.float32).reshape(1, -1) if args.granularity == "tensor" else sample.to(torch.float32).T
+    if args.granularity == "tensor":
+        lo, hi = lo.min().reshape(1), hi.max().reshape(1)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    if args.observer == "percentile":
+        assert rows is not None and args.percentile is not None
+        if args.symmetric:
+            hi = _kth(rows.abs(), args.percentile)
+            lo = -hi
+        else:
+            hi = _kth(rows, args.percentile).clamp(min=0.0)
+            lo = -_kth(-rows, args.percentile).clamp(min=0.0)
+    lo, hi = lo * args.clip_ratio, hi * args.clip_ratio
+    if args.observer == "mse":
+        assert rows is not None
+        return _mse_static(rows, lo, hi, args)
+    return _grid(lo, hi, args)
+
+
+def _kth(rows: Tensor, percentile: float) -> Tensor:
+    """The ``percentile``-th percentile of each row (the nearest-rank value, exact for any row length)."""
+    n = rows.shape[1]
+    k = min(n, max(1, math.ceil(percentile / 100.0 * n)))
+    return rows.kthvalue(k, dim=1).values
+
+
+def _grid(lo: Tensor, hi: Tensor, args: QuantArgs) -> StaticScale:
+    tiny = torch.finfo(torch.float32).tiny
+    if args.symmetric:
+        absmax = torch.maximum(-lo, hi)
+        return StaticScale((absmax / args.qmax).clamp_min(tiny))
+    scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(tiny)
+    zp = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax)
+    return StaticScale(scale, zp.to(torch.int8))
+
+
+def _mse_static(rows: Tensor, lo: Tensor, hi: Tensor, args: QuantArgs) -> StaticScale:
+    """Per row of ``rows`` (one per scale), the shrunk range with the lowest squared error (strict: ties keep the
+    wider range, so minmax, candidate 0, is never beaten by a worse one)."""
+    best_err = torch.full(lo.shape, math.inf)
+    best = _grid(lo, hi, args)
+    for i in range(int(STATIC_MSE_MAXSHRINK * STATIC_MSE_GRID)):
+        shrink = 1.0 - i / STATIC_MSE_GRID
+        cand = _grid(lo * shrink, hi * shrink, args)
+        p = StaticScale(cand.scale.unsqueeze(1), None if cand.zero_point is None else cand.zero_point.unsqueeze(1))
+        err = (fake_quantize_static(rows, args, p) - rows).square_().sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, cand.scale, best.scale)
+        if best.zero_point is not None and cand.zero_point is not None:
+            best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
+    return best

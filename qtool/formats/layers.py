@@ -6,6 +6,8 @@ Per quantized linear (``name`` relative to the layer, e.g. ``mlp.down_proj``): t
 ``<name>.outlier_rows`` / ``.outlier_cols`` (int32 ``[k]``) and ``.outlier_values`` (float16/bfloat16 ``[k]``).
 Parameters of the layer that the method changed besides its quantized weights (AWQ's scales folded into a norm gain
 or a bias) are stored whole as ``param:<name>`` (e.g. ``param:input_layernorm.weight``) and set back on resume.
+Static input quantizers calibrated on the layer store ``input:<name>.scale`` (float32) and, asymmetric,
+``input:<name>.zero_point`` (int8), their ``QuantArgs`` in the metadata's ``inputs``.
 Metadata: ``format`` (``LAYER_FORMAT``), ``args`` (each linear's
 ``QuantArgs`` as JSON) and ``facts`` (each linear's ``LinearFacts``: which method made it and how its columns were
 ordered), so that pack reads everything it writes from here and never re-derives it from the recipe.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from qtool.algorithms.actquant import StaticScale
 from qtool.algorithms.quantizer import QuantizedWeight, SparseOutliers
 from qtool.artifacts import load_tensors, save_tensors, sha256_file, write_json
 from qtool.errors import ArtifactError
@@ -33,6 +36,7 @@ from qtool.schemes import QuantArgs
 LAYERS = "layers"
 LAYER_FORMAT = "qtool.layer/2"
 PARAM = "param:"
+INPUT = "input:"
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,14 @@ class LinearFacts:
 
 @dataclass
 class LayerCheckpoint:
-    """One decoder layer's quantized linears and their facts, keyed by linear name, and the other parameters the
-    method changed (``params``: full name in the layer -> value)."""
+    """One decoder layer's quantized linears and their facts, keyed by linear name, the other parameters the
+    method changed (``params``: full name in the layer -> value) and the static input quantizers calibrated on it
+    (``inputs``: linear name -> its arguments and parameters)."""
 
     weights: dict[str, QuantizedWeight]
     facts: dict[str, LinearFacts]
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, tuple[QuantArgs, StaticScale]] = field(default_factory=dict)
 
 
 def layer_file(layers_dir: Path, index: int) -> Path:
@@ -77,6 +83,11 @@ def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> No
             tensors[f"{name}.outlier_values"] = qw.outliers.values.contiguous()
     for name, value in checkpoint.params.items():
         tensors[f"{PARAM}{name}"] = value.detach().contiguous()
+    for name, (_, p) in checkpoint.inputs.items():
+        # linears that read one input share one StaticScale; safetensors wants one copy per key
+        tensors[f"{INPUT}{name}.scale"] = p.scale.clone()
+        if p.zero_point is not None:
+            tensors[f"{INPUT}{name}.zero_point"] = p.zero_point.clone()
     metadata = {
         "format": LAYER_FORMAT,
         "args": json.dumps(
@@ -84,6 +95,10 @@ def write_layer(layers_dir: Path, index: int, checkpoint: LayerCheckpoint) -> No
         ),
         "facts": json.dumps({n: asdict(f) for n, f in checkpoint.facts.items()}, sort_keys=True),
     }
+    if checkpoint.inputs:
+        metadata["inputs"] = json.dumps(
+            {n: a.model_dump(mode="json") for n, (a, _) in checkpoint.inputs.items()}, sort_keys=True
+        )
     save_tensors(layer_file(layers_dir, index), tensors, metadata=metadata)
     write_json(_checksum_file(layers_dir, index), {"sha256": sha256_file(layer_file(layers_dir, index))})
 
@@ -120,7 +135,14 @@ def read_layer(layers_dir: Path, index: int) -> LayerCheckpoint:
         for name, a in args.items()
     }
     params = {k[len(PARAM) :]: v for k, v in tensors.items() if k.startswith(PARAM)}
-    return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()}, params)
+    inputs = {
+        name: (
+            QuantArgs.model_validate(a),
+            StaticScale(tensors[f"{INPUT}{name}.scale"], tensors.get(f"{INPUT}{name}.zero_point")),
+        )
+        for name, a in json.loads(meta.get("inputs", "{}")).items()
+    }
+    return LayerCheckpoint(weights, {name: LinearFacts(**f) for name, f in facts.items()}, params, inputs)
 
 
 def _outliers(tensors: dict, name: str) -> SparseOutliers | None:

@@ -5,7 +5,11 @@
 ``entry = {"rotation": {"kind": "hadamard" | "matrix", "size": n} | null, "quant": QuantArgs JSON | null}``:
 per linear, the input rotation and dynamic quantizer of its ``InputHook``; per attention module, the query/key
 rotation (R3) and the KV-cache quantizer of its ``AttentionState`` (``qtool.models.online``). A ``matrix`` rotation
-is stored in the tensors file under ``<module>.rotation``.
+is stored in the tensors file under ``<module>.rotation``; a static per-channel input quantizer's parameters under
+``<module>.input_scale`` (and ``<module>.input_zero_point``). Static per-tensor ones are compressed-tensors
+parameters of the linear in the weight shards (``input_scale``), which the checkpoint reader sets on the hook. An
+input shift (OutlierTune's symmetrization) is ``"shift": true`` in the entry and ``<module>.input_shift`` in the
+tensors file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from torch import Tensor
 
+from qtool.algorithms.actquant import StaticScale
 from qtool.artifacts import save_tensors
 from qtool.models.online import AttentionState, InputHook, OnlineRotation, attention_state, input_hook
 from qtool.schemes import QuantArgs
@@ -34,8 +39,17 @@ def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     inputs, attention, matrices = {}, {}, {}
     for name, module in model.named_modules():
         hook: InputHook | None = getattr(module, "qtool_input", None)
-        if hook is not None and (hook.rotation or hook.quant):
+        if hook is not None and (hook.rotation or hook.quant or hook.shift is not None):
             inputs[name] = _entry(name, hook.rotation, hook.quant, matrices)
+            if hook.shift is not None:
+                inputs[name]["shift"] = True
+                matrices[f"{name}.input_shift"] = hook.shift.detach().clone()
+            if hook.quant is not None and hook.quant.static and hook.quant.granularity == "channel":
+                if hook.static is None:
+                    raise ValueError(f"{name}: static input quantizer without calibrated scales")
+                matrices[f"{name}.input_scale"] = hook.static.scale.detach().clone()
+                if hook.static.zero_point is not None:
+                    matrices[f"{name}.input_zero_point"] = hook.static.zero_point.detach().clone()
         state: AttentionState | None = getattr(module, "qtool_attention", None)
         if state is not None and (state.qk_rotation or state.kv_quant):
             attention[name] = _entry(name, state.qk_rotation, state.kv_quant, matrices)
@@ -59,6 +73,10 @@ def attach(model: nn.Module, description: dict[str, Any], matrices: dict[str, Te
         hook = input_hook(model.get_submodule(name))
         hook.rotation = _rotation(name, entry["rotation"], matrices)
         hook.quant = QuantArgs.model_validate(entry["quant"]) if entry["quant"] else None
+        if entry.get("shift"):
+            hook.shift = matrices[f"{name}.input_shift"]
+        if f"{name}.input_scale" in matrices:
+            hook.static = StaticScale(matrices[f"{name}.input_scale"], matrices.get(f"{name}.input_zero_point"))
     for name, entry in description.get("attention", {}).items():
         state = attention_state(model, model.get_submodule(name))
         state.qk_rotation = _rotation(name, entry["rotation"], matrices)

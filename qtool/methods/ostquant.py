@@ -139,6 +139,11 @@ class OstQuant(TransformMethod):
 
     def check_recipe(self, recipe: Any) -> None:
         t = recipe.transform
+        if recipe.scheme.static_activations:
+            raise ValueError(
+                "scheme.input_activations: ostquant trains its transforms against dynamic activation quantizers, and "
+                "static scales are calibrated only after it; set dynamic: true (granularity token)"
+            )
         if (
             t.weight_error == "gptq"
             and quantize_methods.method_for(recipe.quantize).error_feedback(recipe.quantize) is None

@@ -10,6 +10,9 @@ what it computes.
 - ``smoothquant``: per-channel scales from calibration activations migrated into each edge's producer
   (``qtool.algorithms.smoothing``). Artifact: ``scales.safetensors``.
 - ``ostquant``: learned orthogonal + scaling transforms (``qtool.methods.ostquant``).
+- ``outliertune``: OutlierTune's per-channel activation scales folded into the norms and readers, and
+  symmetrization (an online shift before q/k/v and gate/up, compensated in their biases)
+  (``qtool.algorithms.outliertune``). Artifact: ``outliertune.safetensors``.
 
 A new transform is a pure algorithm module in ``qtool/algorithms/`` and, here, its config class, its handler
 (``TransformMethod``) and one line in ``METHODS``.
@@ -24,19 +27,22 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from qtool.algorithms.outliertune import channel_params, fold
 from qtool.algorithms.rotation import FusedRotations, build_rotations, rotate_model
 from qtool.algorithms.smoothing import MAPPINGS, apply_smoothing, reader_weights, smoothing_scales
 from qtool.arch import ArchSpec, LayerView, Shapes, decoder_layers
 from qtool.artifacts import load_tensors, save_tensors
 from qtool.context import StageConfig, StageContext
+from qtool.errors import QtoolError
 from qtool.methods.base import TransformMethod
 from qtool.methods.ostquant import OstQuant, OstQuantConfig
-from qtool.models.observers import AbsmaxObserver
-from qtool.models.online import attach_rotations, online_rotations
+from qtool.models.observers import AbsmaxObserver, RangeObserver
+from qtool.models.online import attach_rotations, input_hook, online_rotations
 from qtool.models.walker import LayerWalker
 
 ROTATIONS = "rotations.safetensors"
 SCALES = "scales.safetensors"
+OUTLIERTUNE = "outliertune.safetensors"
 Rotation = Literal["r1", "r2", "r3", "r4"]
 
 
@@ -62,6 +68,17 @@ class SmoothQuantConfig(StageConfig):
     method: Literal["smoothquant"]
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength (0: none, 1: all into the weights)")
     mappings: tuple[Literal["qkv", "gate_up", "down_proj"], ...] = Field(MAPPINGS, description="pairs to smooth")
+    max_samples: int = Field(64, gt=0, description="calibration windows whose activation ranges set the scales")
+
+
+class OutlierTuneConfig(StageConfig):
+    """OutlierTune: per-channel activation scales ``max |x_j|`` (with symmetrization: half the channel's range)
+    folded into the attention and MLP norms and their readers (q/k/v, gate/up), so that one static per-tensor scale
+    quantizes every channel; ``symmetrize`` also centres each channel (an online shift before the readers, compensated
+    in their biases, which bias-free Llama models get through ``attention_bias`` / ``mlp_bias``)."""
+
+    method: Literal["outliertune"]
+    symmetrize: bool = Field(True, description="centre each channel's range (online shift + reader biases)")
     max_samples: int = Field(64, gt=0, description="calibration windows whose activation ranges set the scales")
 
 
@@ -112,7 +129,122 @@ class SmoothQuant(TransformMethod):
         return {"method": "smoothquant", "alpha": cfg.alpha, "mappings": list(cfg.mappings)}
 
     def apply(self, ctx: StageContext, cfg: SmoothQuantConfig) -> None:
-        apply_scales(ctx.model, ctx.spec, ctx.reader.tensors("transform", SCALES))
+        apply_scales(ctx.model, ctx.spec, ctx.reader.tensors("transform", SCALES), cfg.mappings)
+
+
+class OutlierTune(TransformMethod):
+    config = OutlierTuneConfig
+    artifacts = (OUTLIERTUNE,)
+    edges = ("qkv", "gate_up")  # the norm-produced inputs; o/down keep dynamic per-token quantization
+
+    def run(self, ctx: StageContext, cfg: OutlierTuneConfig) -> dict[str, Any]:
+        spec = ctx.spec
+        edges = [spec.edge(e) for e in self.edges]
+        if cfg.symmetrize:
+            biased = enable_biases(ctx.model, spec, edges)
+        shapes = Shapes.of(ctx.model.config)
+        windows = ctx.calibration_windows()[: cfg.max_samples]
+        tensors: dict[str, torch.Tensor] = {}
+        for step in LayerWalker(ctx.model, spec, windows, progress=ctx.progress, task="outliertune"):
+            ranges = RangeObserver(spec, [spec.linears(e)[0] for e in edges])
+            step.run(ranges, keep=True)  # the fold below keeps the layer's function
+            view = LayerView(step.layer, spec, shapes)
+            for edge in edges:
+                scale, shift = channel_params(*ranges.range(spec.linears(edge)[0]), cfg.symmetrize)
+                tensors[f"{step.index}.{edge.name}.scale"] = scale
+                if shift is not None:
+                    tensors[f"{step.index}.{edge.name}.shift"] = shift
+                _fold(step.layer, view, spec, edge, scale, shift)
+        save_tensors(ctx.out / OUTLIERTUNE, tensors)
+        summary: dict[str, Any] = {"method": "outliertune", "symmetrize": cfg.symmetrize}
+        if cfg.symmetrize:
+            summary["biases_added"] = biased
+        return summary
+
+    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
+        names = {e.name for e in spec.edges}
+        if not set(self.edges) <= names:
+            raise QtoolError(
+                f"transform.method: outliertune folds into the qkv and gate_up edges, which the {spec.family} family "
+                "does not have; use smoothquant"
+            )
+        if recipe.transform.symmetrize and any(
+            len(spec.parts(m)) > 1 for e in self.edges for m in spec.linears(spec.edge(e))
+        ):
+            raise QtoolError(
+                f"transform.symmetrize: the {spec.family} family fuses q/k/v or gate/up into one linear, and the "
+                "shift is per projection here; set transform.symmetrize: false"
+            )
+
+    def apply(self, ctx: StageContext, cfg: OutlierTuneConfig) -> None:
+        spec = ctx.spec
+        edges = [spec.edge(e) for e in self.edges]
+        if cfg.symmetrize:
+            enable_biases(ctx.model, spec, edges)
+        tensors = ctx.reader.tensors("transform", OUTLIERTUNE)
+        shapes = Shapes.of(ctx.model.config)
+        for i, layer in enumerate(decoder_layers(ctx.model, spec)):
+            view = LayerView(layer, spec, shapes)
+            for edge in edges:  # the run's order
+                shift = tensors.get(f"{i}.{edge.name}.shift")
+                _fold(layer, view, spec, edge, tensors[f"{i}.{edge.name}.scale"], shift)
+
+
+def _fold(layer, view: LayerView, spec: ArchSpec, edge, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+    fold(view, edge, scale, shift)
+    if shift is not None:
+        for name in spec.linears(edge):
+            input_hook(layer.get_submodule(name)).shift = shift
+
+
+_BIAS_FLAGS = {"qkv": "attention_bias", "gate_up": "mlp_bias"}  # transformers' config switches (Llama)
+
+
+def enable_biases(model: torch.nn.Module, spec: ArchSpec, edges: list) -> list[str]:
+    """Give the readers of ``edges`` biases (zeros) where they have none, through the config switch that makes the
+    architecture itself have them, so the packed model loads them; every linear that switch adds gets a zero bias.
+    Returns the switches set. Refuses (``QtoolError``) an architecture that cannot hold a reader's bias."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    layers = decoder_layers(model, spec)
+    switched = []
+    for edge in edges:
+        readers = spec.linears(edge)
+        if any(len(spec.parts(r)) > 1 for r in readers):
+            raise QtoolError(
+                f"transform.symmetrize: {', '.join(readers)} fuse several projections; the shift is per projection "
+                "here: set transform.symmetrize: false"
+            )
+        if all(layers[0].get_submodule(r).bias is not None for r in readers):
+            continue
+        flag = _BIAS_FLAGS.get(edge.name)
+        if flag is None or not hasattr(config, flag):
+            raise QtoolError(
+                f"transform.symmetrize: the {spec.family} architecture's {', '.join(readers)} have no bias and its "
+                "config no switch to add one; set transform.symmetrize: false"
+            )
+        setattr(config, flag, True)
+        switched.append(flag)
+    if not switched:
+        return switched
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config)
+    meta_layer = decoder_layers(shape, spec)[0]
+    for name in spec.layer_linears:
+        if meta_layer.get_submodule(name).bias is None:
+            continue
+        for layer in layers:
+            linear = layer.get_submodule(name)
+            if linear.bias is None:
+                w = linear.weight
+                linear.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                                 requires_grad=w.requires_grad)  # fmt: skip
+    for edge in edges:
+        for r in spec.linears(edge):
+            if layers[0].get_submodule(r).bias is None:
+                raise QtoolError(f"transform.symmetrize: {r} has no bias even with {switched}; set symmetrize: false")
+    return switched
 
 
 # config class -> handler. The recipe's ``transform:`` union is built from the keys, in this order.
@@ -121,6 +253,7 @@ METHODS: dict[type[StageConfig], TransformMethod] = {
     HadamardConfig: Hadamard(),
     SmoothQuantConfig: SmoothQuant(),
     OstQuantConfig: OstQuant(),
+    OutlierTuneConfig: OutlierTune(),
 }
 
 TransformConfig = Annotated[typing.Union[tuple(METHODS)], Field(discriminator="method")]  # noqa: UP007
@@ -157,9 +290,15 @@ def smoothquant_scales(ctx: StageContext, cfg: SmoothQuantConfig) -> dict[str, t
     return scales
 
 
-def apply_scales(model: torch.nn.Module, spec: ArchSpec, scales: dict[str, torch.Tensor]) -> None:
+def apply_scales(
+    model: torch.nn.Module, spec: ArchSpec, scales: dict[str, torch.Tensor], mappings: tuple[str, ...]
+) -> None:
+    """Smooth ``model`` with stored scales in the order ``smoothquant_scales`` applied them (layer by layer, edges
+    in ``mappings`` order): up_proj is both a reader (gate_up) and a producer (down_proj), and the two roundings of
+    its weight to the model dtype only reproduce the run's bit for bit in the same order."""
     shapes = Shapes.of(model.config)
     layers = decoder_layers(model, spec)
-    for key in sorted(scales, key=lambda k: (int(k.split(".")[0]), k)):
+    rank = {m: j for j, m in enumerate(mappings)}
+    for key in sorted(scales, key=lambda k: (int(k.split(".")[0]), rank[k.split(".", 1)[1]])):
         i, edge = key.split(".", 1)
         apply_smoothing(LayerView(layers[int(i)], spec, shapes), spec.edge(edge), scales[key])

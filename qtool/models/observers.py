@@ -8,6 +8,7 @@ another observer of the same layer, so shards of the calibration windows (proces
 - ``HessianObserver``: ``XᵀX`` per edge (GPTQ, OSTQuant's error shares), as ``gptq.HessianAccumulator``s;
 - ``AbsmaxObserver``: per-channel ``max |x|`` per edge (SmoothQuant);
 - ``MeanAbsObserver``: per-channel mean ``|x|`` per edge (AWQ);
+- ``RangeObserver``: per-channel min and max per edge and a strided token sample (static activation scales);
 - ``InputStatsObserver``: kurtosis, channel absmax, max/median ratio and QSUR per edge (outlier statistics).
 """
 
@@ -25,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from qtool.algorithms.gptq import HessianAccumulator
 from qtool.algorithms.outlier_metrics import ActivationStats
 from qtool.arch import ArchSpec, Edge
+from qtool.models.walker import StopLayer
 
 
 class _EdgeObserver:
@@ -129,6 +131,48 @@ class MeanAbsObserver(_EdgeObserver):
             mine = self.acc.setdefault(edge, [torch.zeros_like(total), 0])
             mine[0] += total.to(mine[0].device)
             mine[1] += count
+
+
+class RangeObserver(_EdgeObserver):
+    """Per-channel minimum and maximum (float32 ``[in]``, over every token) at the input of each of ``linears``,
+    and with ``stride`` every ``stride``-th token of each call (``sample``) for the observers that need values.
+    With ``stop`` (one observed edge) each window's forward ends at that edge's input."""
+
+    def __init__(self, spec: ArchSpec, linears: Iterable[str], stride: int | None = None, stop: bool = False):
+        super().__init__(spec, spec.edges, linears)
+        self.stride = stride
+        self.stop = stop  # end each window's forward once observed (``StopLayer``): nothing after it is needed
+
+    def _new(self, linear: nn.Module) -> dict:
+        return {"lo": None, "hi": None, "sample": []}
+
+    def _add(self, acc: dict, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        lo, hi = x.amin(dim=0), x.amax(dim=0)
+        acc["lo"] = lo if acc["lo"] is None else torch.minimum(acc["lo"], lo)
+        acc["hi"] = hi if acc["hi"] is None else torch.maximum(acc["hi"], hi)
+        if self.stride is not None:
+            acc["sample"].append(x[:: self.stride].clone())
+        if self.stop:
+            raise StopLayer
+
+    def range(self, linear: str) -> tuple[Tensor, Tensor]:
+        acc = self.acc[self._edge(linear)]
+        return acc["lo"], acc["hi"]
+
+    def sample(self, linear: str) -> Tensor | None:
+        parts = self.acc[self._edge(linear)]["sample"]
+        return torch.cat(parts) if parts else None
+
+    def _edge(self, linear: str) -> str:
+        return next(e for e, members in self.members.items() if linear in members)
+
+    def merge(self, other: RangeObserver) -> None:
+        for edge, acc in other.acc.items():
+            mine = self.acc.setdefault(edge, {"lo": None, "hi": None, "sample": []})
+            for key, pick in (("lo", torch.minimum), ("hi", torch.maximum)):
+                mine[key] = acc[key] if mine[key] is None else pick(mine[key], acc[key].to(mine[key].device))
+            mine["sample"].extend(acc["sample"])
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qtool.algorithms.actquant import fake_quantize_dynamic
+from qtool.algorithms.actquant import StaticScale, fake_quantize_dynamic, fake_quantize_static
 from qtool.algorithms.hadamard import fast_hadamard
 from qtool.arch import ArchSpec
 from qtool.schemes import QuantArgs
@@ -64,22 +64,32 @@ class OnlineRotation:
 
 
 class InputHook:
-    """Forward pre-hook of one linear: optional rotation, then optional dynamic quantization of its input.
-    ``learned_clip`` (training only, not described): returns a scalar tensor that replaces ``quant.clip_ratio``."""
+    """Forward pre-hook of one linear: optional rotation, optional ``shift`` (a per-feature vector subtracted from
+    the input, OutlierTune's symmetrization; the linear's bias holds ``W · shift``), then optional quantization of
+    its input — dynamic, or static with the calibrated ``static`` parameters (a static ``quant`` without them yet
+    passes the input through: the quantize stage is calibrating it). ``learned_clip`` (training only, not
+    described): returns a scalar tensor that replaces ``quant.clip_ratio``."""
 
     def __init__(self) -> None:
         self.rotation: OnlineRotation | None = None
+        self.shift: Tensor | None = None
         self.quant: QuantArgs | None = None
+        self.static: StaticScale | None = None
         self.learned_clip: Callable[[], Tensor] | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self.rotation is None and self.quant is None:
+        if self.rotation is None and self.quant is None and self.shift is None:
             return None
         x = args[0]
         if self.rotation is not None:
             x = self.rotation(x)
+        if self.shift is not None:
+            x = x - self.shift.to(device=x.device, dtype=x.dtype)
         if self.quant is not None:
-            x = fake_quantize_dynamic(x, self.quant, self.learned_clip() if self.learned_clip else None)
+            if self.quant.dynamic:
+                x = fake_quantize_dynamic(x, self.quant, self.learned_clip() if self.learned_clip else None)
+            elif self.static is not None:
+                x = fake_quantize_static(x, self.quant, self.static)
         return (x, *args[1:])
 
 

@@ -1,4 +1,4 @@
-"""Quantization state of a runtime model: dynamic activation and KV-cache quantizers on their hooks
+"""Quantization state of a runtime model: activation (dynamic or static) and KV-cache quantizers on their hooks
 (``qtool.models.online``), and linears holding their dequantized (fake-quantized) weights.
 
 The quantize stage attaches them before it walks the layers (GPTQ then sees quantized inputs), OSTQuant's student
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from qtool.algorithms.actquant import StaticScale
 from qtool.algorithms.quantizer import QuantizedWeight
 from qtool.arch import ArchSpec, decoder_layers
 from qtool.models.online import CLIP_ATTR, attention_state, input_hook
@@ -18,14 +19,15 @@ from qtool.targets import Target
 
 
 def attach_quantizers(model: nn.Module, spec: ArchSpec, plan: list[list[Target]], scheme: Scheme) -> None:
-    """Dynamic input quantization on every planned linear and KV-cache quantization in every attention module,
-    as the scheme asks (after any online rotation the transform stage attached). A module carrying a
-    ``qtool_clip_ratio`` attribute (clipping learned by a transform, e.g. OSTQuant's) gets that ``clip_ratio``."""
+    """Input quantization on every planned linear (its ``Target.input_args``) and KV-cache quantization in every
+    attention module, as the scheme asks (after any online rotation the transform stage attached). A module carrying
+    a ``qtool_clip_ratio`` attribute (clipping learned by a transform, e.g. OSTQuant's) gets that ``clip_ratio``.
+    Static input quantizers pass their input through until ``set_static`` gives them their calibrated scales."""
     for i, layer in enumerate(decoder_layers(model, spec)):
-        if scheme.input_activations is not None:
-            for t in plan[i]:
+        for t in plan[i]:
+            if t.input_args is not None:
                 module = layer.get_submodule(t.name)
-                input_hook(module).quant = _with_clip(scheme.input_activations, module)
+                input_hook(module).quant = _with_clip(t.input_args, module)
         if scheme.kv_cache is not None:
             attn = layer.get_submodule(spec.attention)
             attention_state(model, attn).kv_quant = _with_clip(scheme.kv_cache, attn)
@@ -45,7 +47,13 @@ def detach_quantizers(model: nn.Module, spec: ArchSpec) -> None:
         for name in spec.layer_linears:
             hook = getattr(layer.get_submodule(name), "qtool_input", None)
             if hook is not None:
-                hook.quant = None
+                hook.quant, hook.static = None, None
+
+
+def set_static(layer: nn.Module, params: dict[str, StaticScale]) -> None:
+    """Give the named linears' static input quantizers their calibrated parameters."""
+    for name, p in params.items():
+        input_hook(layer.get_submodule(name)).static = p
 
 
 @torch.no_grad()

@@ -62,6 +62,12 @@ class LayerInputs:
     kwargs: dict[str, Any]
 
 
+class StopLayer(Exception):
+    """Raised by an observer's hook to end a window's forward through the layer once it has seen what it needs
+    (a static input scale of the first linears needs nothing after them); ``LayerStep.run`` then moves on to the
+    next window."""
+
+
 class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass at the first decoder layer."""
 
@@ -95,13 +101,19 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-    """Feed every window through ``layer``; returns the next layer's inputs."""
-    outs = []
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
+    """Feed every window through ``layer``; returns the next layer's inputs, or ``None`` when a hook stopped a
+    window early (``StopLayer``)."""
+    outs: list[torch.Tensor] | None = []
     for h in inputs.hidden:
-        out = layer(h, **inputs.kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return LayerInputs(outs, inputs.kwargs)
+        try:
+            out = layer(h, **inputs.kwargs)
+        except StopLayer:
+            outs = None
+            continue
+        if outs is not None:
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return None if outs is None else LayerInputs(outs, inputs.kwargs)
 
 
 class LayerStep:
@@ -123,12 +135,18 @@ class LayerStep:
         finally:
             for h in handles:
                 h.remove()
+        if keep and outputs is None:
+            raise ValueError("keep=True, but an observer stopped the forward early")
         self._kept = outputs if keep else None
 
     def next_inputs(self) -> LayerInputs | None:
         if self.inputs is None:
             return None
-        return self._kept if self._kept is not None else run_layer(self.layer, self.inputs)
+        if self._kept is not None:
+            return self._kept
+        outputs = run_layer(self.layer, self.inputs)
+        assert outputs is not None  # no observer is attached here
+        return outputs
 
 
 class LayerWalker:

@@ -4,7 +4,6 @@ read back exactly, resume after a kill, and impossible settings refused before a
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from tests.conftest import (
     ROOT,
     STORIES,
     TINYSTORIES,
-    kill_after_first_layer_and_resume,
+    killed_run_packs_the_same,
     refused_before_writing,
     require,
     run_methods,
@@ -86,12 +85,7 @@ def test_folded_norms_are_packed_and_the_checkpoint_reloads_exactly(runs):
 
 def test_killed_awq_run_resumes_bit_identical(runs, tmp_path):
     recipe, reference_dir, _ = runs["awq"]
-    run_dir = tmp_path / "killed"
-    manifest = kill_after_first_layer_and_resume(recipe, run_dir)
-    assert manifest["summary"]["resumed_layers"] >= 1
-    name = "05-pack/model/model.safetensors"
-    digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (run_dir, reference_dir)]
-    assert digest[0] == digest[1]
+    killed_run_packs_the_same(recipe, reference_dir, tmp_path / "killed")
 
 
 def test_impossible_settings_exit_2_before_anything_is_written(tmp_path):

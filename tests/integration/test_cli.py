@@ -64,8 +64,8 @@ def recipe_file(tmp_path):
             ["scheme.kv_cache.group_size", "head_dim=8"],
         ),
         (
-            lambda r: r["scheme"].update(input_activations={"bits": 8, "granularity": "channel"}),
-            ["scheme.input_activations", "dynamic: true"],
+            lambda r: r["scheme"].update(input_activations={"bits": 8, "granularity": "group", "group_size": 16}),
+            ["scheme.input_activations", "tensor or channel", "dynamic: true"],
         ),
         (lambda r: r.update(transform={"method": "hadamard", "rotations": ["r5"]}), ["transform.rotations.0", "r5"]),
         (lambda r: r.update(transform={"method": "ostquant", "n_samples": 999}), ["transform.n_samples", "64"]),

@@ -132,3 +132,28 @@ def test_packed_outliers_decompress_exactly_and_damage_is_refused():
     damaged = {f"m.{k}": v for k, v in stored.items() if k != "weight_outlier_col"}
     with pytest.raises(QtoolError, match="m: an outlier array is missing"):
         decompress_linears(damaged, qc, {"m": "Linear"}, torch.float32)
+
+
+def test_layer_checkpoint_round_trip_keeps_static_input_scales(tmp_path):
+    from qtool.algorithms.actquant import StaticScale
+
+    weights = _weights()
+    facts = {name: LinearFacts("rtn") for name in weights}
+    tensor = QuantArgs(bits=8, granularity="tensor", dynamic=False)
+    channel = QuantArgs(bits=6, symmetric=False, granularity="channel", dynamic=False, observer="percentile",
+                        percentile=99.9)  # fmt: skip
+    shared = StaticScale(torch.tensor([0.02]))  # q/k/v share one object: stored once per linear
+    inputs = {
+        "self_attn.q_proj": (tensor, shared),
+        "self_attn.k_proj": (tensor, shared),
+        "mlp.down_proj": (channel, StaticScale(torch.rand(96) + 0.01, torch.randint(-32, 31, (96,), dtype=torch.int8))),
+    }
+    write_layer(tmp_path, 0, LayerCheckpoint(weights, facts, inputs=inputs))
+    back = read_layer(tmp_path, 0).inputs
+    assert set(back) == set(inputs)
+    for name, (args, p) in inputs.items():
+        got_args, got = back[name]
+        assert got_args == args and torch.equal(got.scale, p.scale)
+        assert (got.zero_point is None) == (p.zero_point is None)
+        if p.zero_point is not None:
+            assert torch.equal(got.zero_point, p.zero_point)

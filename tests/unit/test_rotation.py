@@ -94,3 +94,38 @@ def test_smoothing_keeps_logits_and_flattens_activations(model64, alpha):
     assert (out - ref).abs().max() < TOL
     ratio = lambda v: (v.max() / v.median()).item()  # noqa: E731
     assert ratio(after) < ratio(before)
+
+
+@pytest.mark.parametrize("symmetrize", [True, False])
+def test_outliertune_fold_keeps_logits_and_centres_channels(model64, symmetrize):
+    """OutlierTune's scales (into the norms and readers), shifts (online, before q/k/v and gate/up) and the biases
+    that compensate them keep the float64 logits; the readers then see every channel within [-1, 1] (centred when
+    symmetrized) on the calibration batch."""
+    from qtool.algorithms.outliertune import channel_params
+    from qtool.methods.transform import _fold, enable_biases
+    from qtool.models.observers import RangeObserver
+    from qtool.models.walker import LayerWalker
+
+    spec = spec_for(model64.config)
+    ref = _logits(model64)
+    edges = [spec.edge("qkv"), spec.edge("gate_up")]
+    if symmetrize:
+        assert enable_biases(model64, spec, edges) == ["attention_bias", "mlp_bias"]
+        assert model64.model.layers[0].self_attn.o_proj.bias is not None  # what attention_bias adds, zeros
+    shapes = Shapes.of(model64.config)
+    for step in LayerWalker(model64, spec, _ids()):
+        ranges = RangeObserver(spec, ["self_attn.q_proj", "mlp.gate_proj"])
+        step.run(ranges, keep=True)
+        for edge in edges:
+            s, c = channel_params(*ranges.range(spec.linears(edge)[0]), symmetrize)
+            _fold(step.layer, LayerView(step.layer, spec, shapes), spec, edge, s, c)
+    assert (_logits(model64) - ref).abs().max() < TOL  # measured 5.3e-14 (symmetrized), 2.8e-14
+    seen = RangeObserver(spec, ["mlp.gate_proj"])
+    handles = seen.attach(model64.model.layers[1])
+    _logits(model64)
+    for h in handles:
+        h.remove()
+    lo, hi = seen.range("mlp.gate_proj")  # float32 statistics
+    assert lo.min() >= -1 - 1e-6 and hi.max() <= 1 + 1e-6
+    if symmetrize:
+        assert torch.allclose(hi, -lo, atol=1e-6) and hi.min() > 1 - 1e-6  # every channel exactly [-1, 1]

@@ -59,3 +59,16 @@ def test_ignore_and_no_match():
 @pytest.mark.parametrize(("n", "wanted", "expected"), [(172, 64, 4), (576, 128, 64), (1536, 128, 128), (43, 32, 1)])
 def test_suggest_group_size(n, wanted, expected):
     assert suggest_group_size(n, wanted) == expected
+
+
+def test_input_overrides_per_linear_and_shared_inputs_agree():
+    w8, token = PRESETS["W8A8"].weights, PRESETS["W8A8"].input_activations
+    static = QuantArgs(bits=8, granularity="tensor", dynamic=False)
+    plan = _plan(Scheme(weights=w8, input_activations=static, input_overrides={"re:.*(o_proj|down_proj)": token}))
+    by_name = {t.name: t.input_args for t in plan[1]}
+    assert by_name["self_attn.o_proj"] == token and by_name["mlp.down_proj"] == token
+    assert by_name["self_attn.q_proj"] == static and by_name["mlp.up_proj"] == static
+    with pytest.raises(QtoolError, match="q_proj and self_attn.k_proj read the same input"):
+        _plan(Scheme(weights=w8, input_activations=static, input_overrides={"k_proj": token}))
+    with pytest.raises(QtoolError, match="scheme.input_overrides: 'kproj' matches no linear"):
+        _plan(Scheme(weights=w8, input_activations=static, input_overrides={"kproj": token}))

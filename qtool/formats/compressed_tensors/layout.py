@@ -32,6 +32,12 @@ Facts this module encodes, checked against compressed-tensors 0.20.0:
 - Activation and KV-cache schemes are recorded as ``input_activations`` (``strategy: token``, ``dynamic: true``)
   and ``kv_cache_scheme`` (qtool's per-head grouping as ``strategy: group`` with ``group_size: head_dim``: the
   only form compressed-tensors accepts for dynamic quantization).
+- Static per-tensor input quantization is ``input_activations`` with ``strategy: tensor``, ``dynamic: false`` and,
+  per linear, ``input_scale`` ``[1]`` in the weight scale's dtype (asymmetric: ``input_zero_point`` int8 ``[1]``):
+  what compressed-tensors initializes for such a scheme and vLLM serves as static W8A8. compressed-tensors cannot
+  initialize per-channel activation scales (its ``initialize_qparams`` needs two observed dimensions for
+  ``channel``), so static per-channel inputs are left out of ``quantization_config`` (such a group reads as
+  weight-only there) and live only in the ``qtool`` section, their scales in ``qtool_online.safetensors``.
 - Scales are stored in the model's dtype (``quantizer.scale_dtype_for``): compressed-tensors creates
   ``weight_scale`` with the weight's dtype and decompresses as ``(q.to(s.dtype) - zp.to(s.dtype)) * s`` in that
   dtype. ``QuantizedWeight.dequantize(scale.dtype)`` does the same operations, so the two agree bit for bit.
@@ -158,7 +164,7 @@ def quantization_config(
     scheme = {
         "targets": list(targets),
         "weights": weights,
-        "input_activations": _dynamic_args(input_activations),
+        "input_activations": activation_args(input_activations),
         "output_activations": None,
         "format": fmt,
     }
@@ -167,7 +173,7 @@ def quantization_config(
         "format": fmt,
         "global_compression_ratio": None,
         "ignore": list(ignore),
-        "kv_cache_scheme": _dynamic_args(kv_cache, head_dim),
+        "kv_cache_scheme": activation_args(kv_cache, head_dim),
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
         "sparsity_config": {},
@@ -176,12 +182,18 @@ def quantization_config(
     }
 
 
-def _dynamic_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[str, Any] | None:
-    """compressed-tensors ``QuantizationArgs`` of a dynamic activation or KV-cache quantizer. compressed-tensors
-    allows only token/tensor/group strategies for dynamic quantization, so qtool's per-head KV grouping is written
-    as ``group`` with ``group_size = head_dim`` (the same grouping)."""
+def activation_args(args: QuantArgs | None, head_dim: int | None = None) -> dict[str, Any] | None:
+    """compressed-tensors ``QuantizationArgs`` of an activation or KV-cache quantizer, ``None`` for one it cannot
+    express (static per channel). compressed-tensors allows only token/tensor/group strategies for dynamic
+    quantization, so qtool's per-head KV grouping is written as ``group`` with ``group_size = head_dim`` (the same
+    grouping)."""
     if args is None:
         return None
+    if args.static:
+        if args.granularity != "tensor":
+            return None
+        return {"num_bits": args.bits, "type": "int", "symmetric": args.symmetric, "strategy": "tensor",
+                "group_size": None, "dynamic": False, "observer": args.observer}  # fmt: skip
     head = args.granularity == "head"
     return {
         "num_bits": args.bits,
@@ -220,17 +232,21 @@ def decompress_linears(
 
 
 def input_quant_of(name: str, linear_types: dict[str, str], qc: dict[str, Any]) -> QuantArgs | None:
-    """The dynamic int input quantizer a foreign checkpoint's config gives linear ``name`` (``None``: none)."""
+    """The int input quantizer a checkpoint's config gives linear ``name`` (``None``: none): dynamic, or static per
+    tensor (its scale is the linear's ``input_scale``)."""
     group = group_for(name, linear_types, qc, required=False)
     act = (group or {}).get("input_activations")
-    if not (act and act.get("dynamic") is True and act.get("type", "int") == "int"):
+    if not (act and act.get("type", "int") == "int"):
+        return None
+    static = act.get("dynamic") is False
+    if static and act.get("strategy") != "tensor":
         return None
     return QuantArgs(
         bits=act["num_bits"],
         symmetric=act["symmetric"],
         granularity=act["strategy"],
         group_size=act.get("group_size") if act["strategy"] == "group" else None,
-        dynamic=True,
+        dynamic=not static,
     )
 
 

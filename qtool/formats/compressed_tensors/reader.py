@@ -8,7 +8,8 @@ to compressed-tensors' decompressor: build the model skeleton without weight ini
 ``weight_packed`` (or int8 ``weight``)/``weight_scale``/``weight_zero_point`` back into a dense weight, and load the
 state dict. The ``qtool`` section of config.json (online rotations, dynamic activation and KV-cache quantizers,
 ``qtool.models.online``) is attached again, so the loaded model computes what the pipeline's fake-quant model did.
-Checkpoints from other tools that quantize input activations get dynamic quantizers from their config groups.
+Checkpoints from other tools that quantize input activations get their quantizers from their config groups
+(dynamic, or static per tensor with the linears' ``input_scale``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qtool.algorithms.actquant import StaticScale
 from qtool.errors import QtoolError
 from qtool.formats.compressed_tensors.layout import decompress_linears, input_quant_of
 from qtool.formats.hf_checkpoint import read_state
@@ -57,6 +59,12 @@ def load_packed(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = read_state(path)
     linear_types = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    static = {
+        k.removesuffix(".input_scale"): StaticScale(
+            state.pop(k).float().reshape(1), _zero_point(state.pop(k.replace("input_scale", "input_zero_point"), None))
+        )
+        for k in [k for k in state if k.endswith(".input_scale")]
+    }
     on_kernels: dict[str, torch.nn.Module] = {}
 
     def take(name: str, qw) -> bool:  # converted as it is read: one linear's unpacked integers in memory at a time
@@ -88,16 +96,38 @@ def load_packed(
         log.info("model: %d quantized linears run on integer kernels", len(on_kernels))
     model.eval().requires_grad_(False)
     if not read_online(model, path, online):
-        for name in linear_types:  # a foreign checkpoint: simulate its dynamic input quantization
+        for name in linear_types:  # a foreign checkpoint: simulate its input quantization
             quant = input_quant_of(name, linear_types, qc)
             if quant is not None:
                 input_hook(model.get_submodule(name)).quant = quant
+    _set_static(model, static, path)
     for module in on_kernels.values():  # W8A8: int8 x int8 products instead of fake-quantized inputs
         hook = getattr(module, "qtool_input", None)
         if hook is not None and hook.quant is not None and hasattr(module, "take_input_quant"):
             if hook.learned_clip is None and module.take_input_quant(hook.quant):
                 hook.quant = None
     return model
+
+
+def _zero_point(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.int8).reshape(1)
+
+
+def _set_static(model: torch.nn.Module, static: dict[str, StaticScale], path: Path) -> None:
+    """Give every static input quantizer its stored parameters; one without them is a damaged checkpoint."""
+    for name, module in model.named_modules():
+        hook = getattr(module, "qtool_input", None)
+        if hook is None or hook.quant is None or hook.quant.dynamic:
+            continue
+        if name in static:
+            hook.static = static.pop(name)
+        elif hook.static is None:
+            raise QtoolError(
+                f"model: {path}: {name} quantizes its input statically but has no input_scale; the checkpoint is "
+                "damaged, re-pack it with qtool quantize --from-stage pack"
+            )
+    if static:
+        log.warning("model: input_scale of %d linears without a static input quantizer ignored", len(static))
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:

@@ -2,8 +2,9 @@
 
 Quantized linears are stored from the layer checkpoints' integers (``qtool.formats.layers``) in the layout of
 ``layout``; every other tensor comes from the model as the earlier stages left it; ``config.json`` gets the
-``quantization_config`` (one config group per distinct weight arguments and facts) and, when anything runs online,
-the ``qtool`` section (``qtool.formats.online``).
+``quantization_config`` (one config group per distinct weight arguments, facts and input quantizer) and, when
+anything runs online, the ``qtool`` section (``qtool.formats.online``). Static per-tensor input scales are stored
+per linear as ``input_scale`` (``layout``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from qtool.artifacts import write_json
 from qtool.formats.compressed_tensors.layout import (
     OUTLIER_KEYS,
     OUTLIER_PREFIX,
+    activation_args,
     compress_linear,
     format_for,
     quantization_config,
@@ -69,11 +71,12 @@ def write_packed(job: PackJob) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class _Group:
-    """Linears that share one config group: the same weight arguments and the same facts."""
+    """Linears that share one config group: the same weight arguments, facts and input quantizer."""
 
     args: QuantArgs
     facts: LinearFacts
     names: list[str]
+    inputs: QuantArgs | None = None
 
 
 def _collect(job: PackJob, dtype: torch.dtype | None):
@@ -93,15 +96,22 @@ def _collect(job: PackJob, dtype: torch.dtype | None):
             del state[f"{full}.weight"]
             if dtype is not None:
                 qw = dataclasses.replace(qw, scale=qw.scale.to(dtype))
-            for key, t in compress_linear(qw, format_for(qw.args, job.scheme.input_activations)).items():
+            hook = getattr(job.model.get_submodule(full), "qtool_input", None)
+            act = hook.quant if hook is not None else None
+            for key, t in compress_linear(qw, format_for(qw.args, act)).items():
                 state[f"{full}.{key}"] = t
                 linear_bytes += t.numel() * t.element_size()
+            if name in ckpt.inputs and ckpt.inputs[name][0].granularity == "tensor":
+                p = ckpt.inputs[name][1]
+                state[f"{full}.input_scale"] = p.scale.to(qw.scale.dtype).reshape(1)
+                if p.zero_point is not None:
+                    state[f"{full}.input_zero_point"] = p.zero_point.to(torch.int8).reshape(1)
             linear_params += qw.q.numel()
             if qw.outliers is not None:
                 outliers[full] = qw.outliers.count
             facts = ckpt.facts[name]
-            key = json.dumps([qw.args.model_dump(mode="json"), facts.actorder], sort_keys=True)
-            groups.setdefault(key, _Group(qw.args, facts, [])).names.append(full)
+            key = json.dumps([qw.args.model_dump(mode="json"), facts.actorder, activation_args(act)], sort_keys=True)
+            groups.setdefault(key, _Group(qw.args, facts, [], act)).names.append(full)
     return state, list(groups.values()), linear_bytes, linear_params, outliers
 
 
@@ -114,19 +124,24 @@ def _config_for(groups: list[_Group], job: PackJob) -> dict[str, Any]:
     config group per set, each listing its modules by full name.
     """
     scheme = job.scheme
-    extra = dict(input_activations=scheme.input_activations, kv_cache=scheme.kv_cache)
-    extra["head_dim"] = head_dim_of(job.model.config)
+    extra: dict[str, Any] = dict(kv_cache=scheme.kv_cache, head_dim=head_dim_of(job.model.config))
     quantized = {name for g in groups for name in g.names}
     linears = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in quantized]
-    fmt = format_for(groups[0].args, scheme.input_activations)  # all groups share the bit width, hence the format
+    # all groups share the bit width and whether inputs are quantized (input_overrides needs input_activations),
+    # hence the format
+    fmt = format_for(groups[0].args, groups[0].inputs)
     extra["version"] = reader_version([g.args.bits for g in groups], fmt)
     if len(groups) == 1:
         g = groups[0]
-        return quantization_config(g.args, ["Linear"], ignore, fmt, actorder=g.facts.actorder, **extra)
+        return quantization_config(
+            g.args, ["Linear"], ignore, fmt, actorder=g.facts.actorder, input_activations=g.inputs, **extra
+        )
     merged: dict[str, Any] = {}
     for i, g in enumerate(groups):
-        qc = quantization_config(g.args, g.names, ignore, fmt, actorder=g.facts.actorder, **extra)
+        qc = quantization_config(
+            g.args, g.names, ignore, fmt, actorder=g.facts.actorder, input_activations=g.inputs, **extra
+        )
         merged = merged or {**qc, "config_groups": {}}
         merged["config_groups"][f"group_{i}"] = qc["config_groups"]["group_0"]
     return merged
