@@ -131,7 +131,7 @@ def test_mixed_static_and_dynamic_linears(tmp_path):
               "input_overrides": {"re:.*(o_proj|down_proj)": DYNAMIC_TOKEN}}  # fmt: skip
     recipe = _recipe(tmp_path / "mixed.yaml", scheme)
     ev = _run(recipe, tmp_path / "run").manifest("evaluate")["summary"]
-    assert ev["ppl"] < 1.01 * ev["fp_ppl"]  # measured 4.0073 vs FP 4.0022
+    assert ev["ppl"] < 1.01 * ev["fp_ppl"]  # measured 4.0036 vs FP 4.0022 (all static: 4.0138)
     qc = json.loads((_packed(tmp_path / "run") / "config.json").read_text())["quantization_config"]
     groups = list(qc["config_groups"].values())
     assert len(groups) == 2
@@ -151,6 +151,8 @@ def test_per_channel_asymmetric_static_scales_travel_in_the_qtool_section(tmp_pa
            "percentile": 99.99}  # fmt: skip
     recipe = _recipe(tmp_path / "channel.yaml", {"preset": "W8A8", "input_activations": act})
     result = _run(recipe, tmp_path / "run")
+    ev = result.manifest("evaluate")["summary"]
+    assert ev["ppl"] < 1.05 * ev["fp_ppl"]  # measured 4.0930 vs FP 4.0022 (6-bit inputs)
     config = json.loads((_packed(tmp_path / "run") / "config.json").read_text())
     # compressed-tensors cannot hold per-channel activation scales: weight-only there, qtool's section has them
     assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"] is None
