@@ -37,7 +37,7 @@ def validate_fit(recipe: Recipe, run_dir: Path | None = None) -> str:
     config = load_config(src, recipe.model.trust_remote_code)
     spec = spec_for(config)
     check_weight_files(src)
-    transform_methods.method_for(recipe.transform).check_fit(recipe, spec)
+    transform_methods.method_for(recipe.transform).check_fit(recipe, spec, config)
     context = getattr(config, "max_position_embeddings", None)
     for field, seqlen in (
         ("calibration.seqlen", recipe.calibration.seqlen),

@@ -107,6 +107,7 @@ class TransformMethod:
         this method cannot run; called while the recipe validates."""
         return None
 
-    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
-        """Raise ``QtoolError`` when this machine or model cannot run the method (``qtool validate``)."""
+    def check_fit(self, recipe: Any, spec: ArchSpec, config: Any = None) -> None:
+        """Raise ``QtoolError`` when this machine or model (``config``: its transformers config) cannot run the
+        method (``qtool validate``)."""
         return None

@@ -153,7 +153,7 @@ class OstQuant(TransformMethod):
                 f"{recipe.quantize.method}; set quantize.method: gptq or transform.weight_error: rtn"
             )
 
-    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
+    def check_fit(self, recipe: Any, spec: ArchSpec, config: Any = None) -> None:
         """Training reads prefixes of the calibration windows (no more than calibration provides), on a device
         that exists, for a layer whose edges the transforms are defined on."""
         t, cal = recipe.transform, recipe.calibration

@@ -161,20 +161,19 @@ class OutlierTune(TransformMethod):
             summary["biases_added"] = biased
         return summary
 
-    def check_fit(self, recipe: Any, spec: ArchSpec) -> None:
+    def check_fit(self, recipe: Any, spec: ArchSpec, config: Any = None) -> None:
         names = {e.name for e in spec.edges}
         if not set(self.edges) <= names:
             raise QtoolError(
                 f"transform.method: outliertune folds into the qkv and gate_up edges, which the {spec.family} family "
                 "does not have; use smoothquant"
             )
-        if recipe.transform.symmetrize and any(
-            len(spec.parts(m)) > 1 for e in self.edges for m in spec.linears(spec.edge(e))
-        ):
-            raise QtoolError(
-                f"transform.symmetrize: the {spec.family} family fuses q/k/v or gate/up into one linear, and the "
-                "shift is per projection here; set transform.symmetrize: false"
-            )
+        if recipe.transform.symmetrize and config is not None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                shape = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+            bias_switches(config, decoder_layers(shape, spec)[0], spec, [spec.edge(e) for e in self.edges])
 
     def apply(self, ctx: StageContext, cfg: OutlierTuneConfig) -> None:
         spec = ctx.spec
@@ -200,14 +199,9 @@ def _fold(layer, view: LayerView, spec: ArchSpec, edge, scale: torch.Tensor, shi
 _BIAS_FLAGS = {"qkv": "attention_bias", "gate_up": "mlp_bias"}  # transformers' config switches (Llama)
 
 
-def enable_biases(model: torch.nn.Module, spec: ArchSpec, edges: list) -> list[str]:
-    """Give the readers of ``edges`` biases (zeros) where they have none, through the config switch that makes the
-    architecture itself have them, so the packed model loads them; every linear that switch adds gets a zero bias.
-    Returns the switches set. Refuses (``QtoolError``) an architecture that cannot hold a reader's bias."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    layers = decoder_layers(model, spec)
+def bias_switches(config: Any, layer: torch.nn.Module, spec: ArchSpec, edges: list) -> list[str]:
+    """The config switches (``attention_bias``, ``mlp_bias``) that give the readers of ``edges`` the biases they lack
+    (``layer``: a decoder layer as built from ``config``); raises ``QtoolError`` when a reader cannot get one."""
     switched = []
     for edge in edges:
         readers = spec.linears(edge)
@@ -216,18 +210,31 @@ def enable_biases(model: torch.nn.Module, spec: ArchSpec, edges: list) -> list[s
                 f"transform.symmetrize: {', '.join(readers)} fuse several projections; the shift is per projection "
                 "here: set transform.symmetrize: false"
             )
-        if all(layers[0].get_submodule(r).bias is not None for r in readers):
+        if all(layer.get_submodule(r).bias is not None for r in readers):
             continue
         flag = _BIAS_FLAGS.get(edge.name)
         if flag is None or not hasattr(config, flag):
             raise QtoolError(
-                f"transform.symmetrize: the {spec.family} architecture's {', '.join(readers)} have no bias and its "
-                "config no switch to add one; set transform.symmetrize: false"
+                f"transform.symmetrize: the model's {', '.join(readers)} have no bias and its config no switch to add "
+                "one; set transform.symmetrize: false"
             )
-        setattr(config, flag, True)
         switched.append(flag)
+    return switched
+
+
+def enable_biases(model: torch.nn.Module, spec: ArchSpec, edges: list) -> list[str]:
+    """Give the readers of ``edges`` biases (zeros) where they have none, through the config switch that makes the
+    architecture itself have them, so the packed model loads them; every linear that switch adds gets a zero bias.
+    Returns the switches set."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    layers = decoder_layers(model, spec)
+    switched = bias_switches(config, layers[0], spec, edges)
     if not switched:
         return switched
+    for flag in switched:
+        setattr(config, flag, True)
     with torch.device("meta"):
         shape = AutoModelForCausalLM.from_config(config)
     meta_layer = decoder_layers(shape, spec)[0]

@@ -49,6 +49,10 @@ class _EdgeObserver:
     def _add(self, acc, x: Tensor) -> None:
         raise NotImplementedError
 
+    def edge_of(self, linear: str) -> str:
+        """The observed edge whose input ``linear`` reads."""
+        return next(e for e, members in self.members.items() if linear in members)
+
     def attach(self, layer: nn.Module) -> list[RemovableHandle]:
         handles = []
         for edge, name in self.hooked.items():
@@ -73,8 +77,7 @@ class HessianObserver(_EdgeObserver):
         acc.add(x)
 
     def accumulator(self, linear: str) -> HessianAccumulator:
-        edge = next(e for e, members in self.members.items() if linear in members)
-        return self.acc[edge]
+        return self.acc[self.edge_of(linear)]
 
     def hessian(self, linear: str) -> Tensor:
         """GPTQ's ``H = 2 XᵀX / rows`` at ``linear``'s input, ``[in, in]`` float64."""
@@ -157,15 +160,12 @@ class RangeObserver(_EdgeObserver):
             raise StopLayer
 
     def range(self, linear: str) -> tuple[Tensor, Tensor]:
-        acc = self.acc[self._edge(linear)]
+        acc = self.acc[self.edge_of(linear)]
         return acc["lo"], acc["hi"]
 
     def sample(self, linear: str) -> Tensor | None:
-        parts = self.acc[self._edge(linear)]["sample"]
+        parts = self.acc[self.edge_of(linear)]["sample"]
         return torch.cat(parts) if parts else None
-
-    def _edge(self, linear: str) -> str:
-        return next(e for e, members in self.members.items() if linear in members)
 
     def merge(self, other: RangeObserver) -> None:
         for edge, acc in other.acc.items():

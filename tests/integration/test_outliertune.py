@@ -95,3 +95,23 @@ def test_symmetrize_on_fused_projections_exits_2(phi3_dir, tmp_path):
                           outliers={"method": "none"}, transform={"method": "outliertune"},
                           scheme=_scheme(8, mixed=False), quantize={"method": "rtn"})  # fmt: skip
     refused_before_writing(recipe, tmp_path / "run", "transform.symmetrize")
+
+
+def test_symmetrize_without_a_bias_switch_exits_2(tmp_path):
+    """Qwen2's MLP has no bias and its config no switch for one: refused at validation, before anything is written
+    (``symmetrize: false`` is accepted)."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    require(STORIES, TINYSTORIES)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)  # fmt: skip
+    model_dir = tmp_path / "tiny-qwen2"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(STORIES / name, model_dir / name)
+    recipe = write_recipe(tmp_path / "qwen2.yaml", base=QUAROT, name="qwen2-ot", model=str(model_dir),
+                          outliers={"method": "none"}, transform={"method": "outliertune"},
+                          scheme=_scheme(8, mixed=False), quantize={"method": "rtn"})  # fmt: skip
+    refused_before_writing(recipe, tmp_path / "run", "mlp.gate_proj, mlp.up_proj have no bias")
